@@ -1,0 +1,945 @@
+"""The Guard: attaches hooks to a training loop, runs them, and routes their events.
+
+The Guard is the one object a training script holds. It registers step pre/post hooks on the
+optimizer(s) (it never replaces ``optimizer.step``), calls its hooks at each lifecycle point, shares
+per-step statistics between them, runs a check point every ``check_every`` optimizer steps (one
+packed read of every hook's state, one collective under torch.distributed), and hands the events to
+the sinks and to the hooks that subscribed to them.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import traceback
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._validate import check_int, check_type
+from .distributed import DistributedContext, reduce_rows
+from .events import Event, Severity
+from .hook import Hook
+from .registry import create, default_hooks
+from .sinks import LoggingSink, Sink, create_sink
+from .stats import CheckContext, Observation, StepContext
+
+__all__ = ["Guard", "Series"]
+
+_log = logging.getLogger("stallguard")
+
+# Optimizers watched by a live Guard: a second Guard on the same optimizer is refused clearly.
+_WATCHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.ref[Guard]] = weakref.WeakKeyDictionary()
+
+_LIFECYCLE = (
+    "on_attach",
+    "on_step_begin",
+    "on_before_step",
+    "on_after_step",
+    "on_observe",
+    "on_check",
+    "on_event",
+    "on_close",
+)
+
+_CONFIG_KEYS = {"hooks", "sinks", "repair", "check_every", "strict", "max_events", "emit_rank", "history"}
+
+
+class Series:
+    """The host-side history of one scalar stream (the loss, or a metric such as ``val_loss``).
+
+    Values arrive at check points (tensor values are read in the check point's one transfer).
+    Several values observed within one optimizer step (gradient accumulation) are averaged; under
+    torch.distributed each value is the mean over ranks.
+
+    Attributes:
+        name: The stream's name.
+    """
+
+    def __init__(self, name: str, maxlen: int) -> None:
+        self.name = name
+        self._steps: collections.deque[int] = collections.deque(maxlen=maxlen)
+        self._values: collections.deque[float] = collections.deque(maxlen=maxlen)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Optimizer steps completed when each value was observed."""
+        return np.fromiter(self._steps, dtype=np.int64, count=len(self._steps))
+
+    @property
+    def values(self) -> np.ndarray:
+        """The values, oldest first, as float64."""
+        return np.fromiter(self._values, dtype=np.float64, count=len(self._values))
+
+    def last(self, n: int) -> np.ndarray:
+        """The last ``n`` values (fewer if fewer were observed)."""
+        v = self.values
+        return v[-n:] if n > 0 else v[:0]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def _append(self, step: int, value: float) -> None:
+        self._steps.append(step)
+        self._values.append(value)
+
+    def __repr__(self) -> str:
+        return f"Series({self.name!r}, n={len(self)})"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameters and submodules the hooks should see."""
+    m = model
+    for _ in range(8):
+        if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            m = m.module
+            continue
+        orig = getattr(m, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(orig, nn.Module):
+            m = orig
+            continue
+        break
+    return m
+
+
+def _is_scalar_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class Guard:
+    """Watch a training run, say why its loss is not decreasing, and optionally repair it.
+
+    Two lines attach it to a plain PyTorch loop: build it after the model and optimizer, and call
+    :meth:`observe` once per batch. It hooks ``optimizer.step`` through the optimizer's step hooks, so
+    every optimizer step runs the hooks with final gradients.
+
+    Args:
+        model: The model (plain, DDP-wrapped or ``torch.compile``d), or None when only the optimizer
+            and observed scalars are to be watched.
+        optimizer: One optimizer, a list of them, or None (then call :meth:`before_step` and
+            :meth:`after_step` yourself).
+        hooks: The hooks to run. None runs the default set (see :func:`stallguard.default_hooks`).
+        sinks: Where events go. None logs them to the ``stallguard`` logger; ``[]`` keeps them only
+            in :attr:`events`. Entries may be sink objects or config entries such as ``"jsonl"``.
+        repair: Also run the hooks that change training: LR reduction on plateaus and divergence,
+            adaptive gradient clipping, and skipping non-finite steps. With explicit ``hooks``, the
+            repair hooks are added unless a hook of the same class is already there.
+        check_every: Optimizer steps between check points, where hooks read their statistics
+            (one batched device-to-host transfer) and decide.
+        scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop, so that steps it skips are
+            reported as skipped steps.
+        attach_optimizer: Register the optimizer step hooks. With False, call :meth:`before_step`
+            and :meth:`after_step` around each optimizer step yourself.
+        strict: Re-raise exceptions from hooks and sinks instead of reporting and disabling them.
+        max_events: How many events :attr:`events` keeps.
+        emit_rank: Under torch.distributed, the rank whose sinks write (None: every rank).
+        history: How many values each observed scalar stream keeps on the host.
+
+    Example:
+        >>> import torch, stallguard as sg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        >>> x, y = torch.randn(64, 8), torch.randn(64, 1)
+        >>> with sg.Guard(model, opt, sinks=[]) as guard:
+        ...     for _ in range(20):
+        ...         loss = torch.nn.functional.mse_loss(model(x), y)
+        ...         opt.zero_grad(); loss.backward()
+        ...         guard.observe(loss, inputs=x, outputs=model(x), targets=y)
+        ...         opt.step()
+        >>> guard.step
+        20
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        *,
+        hooks: Iterable[Hook] | None = None,
+        sinks: Iterable[Sink | str | dict[str, Any]] | None = None,
+        repair: bool = False,
+        check_every: int = 50,
+        scaler: Any = None,
+        attach_optimizer: bool = True,
+        strict: bool = False,
+        max_events: int = 10_000,
+        emit_rank: int | None = 0,
+        history: int = 100_000,
+    ) -> None:
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"Guard: model must be a torch.nn.Module or None, got {type(model).__name__}")
+        self.model = model
+        self.module: nn.Module | None = _unwrap(model) if model is not None else None
+        self.optimizers: list[torch.optim.Optimizer] = self._check_optimizers(optimizer)
+        self.check_every = check_int("Guard", "check_every", check_every, min=1)
+        self.repair = check_type("Guard", "repair", repair, bool, "a bool")
+        self.strict = check_type("Guard", "strict", strict, bool, "a bool")
+        self.attach_optimizer = check_type("Guard", "attach_optimizer", attach_optimizer, bool, "a bool")
+        self.max_events = check_int("Guard", "max_events", max_events, min=1)
+        self.history = check_int("Guard", "history", history, min=1)
+        if emit_rank is not None:
+            check_int("Guard", "emit_rank", emit_rank, min=0)
+        if scaler is not None and not callable(getattr(scaler, "get_backoff_factor", None)):
+            raise TypeError(
+                f"Guard: scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
+            )
+        self.scaler = scaler
+        self._distributed = DistributedContext(model, emit_rank=emit_rank)
+
+        self.device = self._find_device()
+        self.clock = 0
+        self.step = 0
+        self.optimizer_steps = [0] * len(self.optimizers)
+        self._epoch: int | None = None
+        self._events: collections.deque[Event] = collections.deque(maxlen=self.max_events)
+        self._series: dict[str, Series] = {}
+        self._pending: dict[str, list[tuple[int, Tensor | float]]] = {}
+        self._observe_count = 0
+        self._last_check_step = 0
+        self._stop_reasons: list[str] = []
+        self._closed = False
+        self._handles: list[Any] = []
+        self._contexts: dict[int, StepContext] = {}
+        self._publish_depth = 0
+        self.sink_failures: dict[int, int] = {}
+
+        self.sinks: list[Sink] = self._build_sinks(sinks)
+        self.hooks: list[Hook] = self._build_hooks(hooks)
+        self._param_names = self._name_parameters()
+        self._opt_params: dict[int, tuple[tuple[int, ...], list[Any], list[str]]] = {}
+        self._index_hooks()
+        self._attach()
+
+    # ----------------------------------------------------------------- construction helpers
+    @staticmethod
+    def _check_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+        if optimizer is None:
+            return []
+        opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+        if not isinstance(opts, Sequence) or isinstance(opts, (str, bytes)):
+            raise TypeError(
+                f"Guard: optimizer must be a torch.optim.Optimizer, a list of them, or None, "
+                f"got {type(optimizer).__name__}"
+            )
+        opts = list(opts)
+        for i, opt in enumerate(opts):
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(
+                    f"Guard: optimizer[{i}] must be a torch.optim.Optimizer, got {type(opt).__name__}"
+                )
+        if len({id(o) for o in opts}) != len(opts):
+            raise ValueError("Guard: the same optimizer appears twice in optimizer")
+        return opts
+
+    def _find_device(self) -> torch.device:
+        tensors: Iterable[Tensor] = ()
+        if self.module is not None:
+            tensors = self.module.parameters()
+        for p in tensors:
+            return p.device
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    return p.device
+        return torch.device("cpu")
+
+    def _build_sinks(self, sinks: Iterable[Any] | None) -> list[Sink]:
+        if sinks is None:
+            return [LoggingSink()]
+        if isinstance(sinks, (Sink, str, dict)):
+            raise TypeError("Guard: sinks must be a list of sinks (wrap a single sink in a list)")
+        return [create_sink(s) for s in sinks]
+
+    def _build_hooks(self, hooks: Iterable[Hook] | None) -> list[Hook]:
+        if hooks is None:
+            built = default_hooks(repair=self.repair)
+        else:
+            if isinstance(hooks, Hook):
+                raise TypeError("Guard: hooks must be a list of Hook objects (wrap a single hook in a list)")
+            built = list(hooks)
+            for i, h in enumerate(built):
+                if not isinstance(h, Hook):
+                    raise TypeError(
+                        f"Guard: hooks[{i}] must be a stallguard.Hook, got {type(h).__name__} {h!r}"
+                    )
+                if h.guard is not None:
+                    raise ValueError(f"Guard: hooks[{i}] ({h.name}) is already attached to another Guard")
+            if len({id(h) for h in built}) != len(built):
+                raise ValueError("Guard: the same hook object appears twice in hooks")
+            if self.repair:
+                present = {type(h) for h in built}
+                built += [
+                    h for h in default_hooks(repair=True) if h.modifies_training and type(h) not in present
+                ]
+        if self.scaler is not None:
+            built.append(create("skipped_steps", scaler=self.scaler))
+        seen: dict[str, int] = {}
+        for h in built:
+            if h.name in seen:
+                seen[h.name] += 1
+                h.name = f"{h.name}#{seen[h.name]}"
+            else:
+                seen[h.name] = 1
+        return built
+
+    def _name_parameters(self) -> dict[int, str]:
+        names: dict[int, str] = {}
+        if self.model is not None:
+            for n, p in self.model.named_parameters():
+                names.setdefault(id(p), n)
+            if self.module is not self.model:
+                # Names as the user wrote them (without "module." or "_orig_mod." prefixes) win.
+                for n, p in self.module.named_parameters():  # type: ignore[union-attr]
+                    names[id(p)] = n
+        return names
+
+    def _index_hooks(self) -> None:
+        self._by_method: dict[str, list[Hook]] = {
+            m: [h for h in self.hooks if type(h)._overrides(m)] for m in _LIFECYCLE
+        }
+        # Observers first: every hook sees the gradients before a repair hook clips or zeroes them.
+        before = self._by_method["on_before_step"]
+        self._by_method["on_before_step"] = [h for h in before if not h.modifies_training] + [
+            h for h in before if h.modifies_training
+        ]
+        self._subscribers: dict[str, list[Hook]] = {}
+        for h in self.hooks:
+            for kind in h.subscribes:
+                self._subscribers.setdefault(kind, []).append(h)
+
+    def _attach(self) -> None:
+        for opt in self.optimizers:
+            other = _WATCHED.get(opt)
+            live = other() if other is not None else None
+            if live is not None and not live._closed:
+                raise RuntimeError(
+                    "Guard: this optimizer is already watched by another Guard; close() that Guard first "
+                    "(one Guard can run any number of hooks)"
+                )
+        for opt in self.optimizers:
+            _WATCHED[opt] = weakref.ref(self)
+        if self.attach_optimizer:
+            for i, opt in enumerate(self.optimizers):
+                self._handles.append(opt.register_step_pre_hook(self._make_pre_hook(i)))
+                self._handles.append(opt.register_step_post_hook(self._make_post_hook(i)))
+        for h in self.hooks:
+            h._bind(self)
+        for h in self.hooks:
+            self._call(h, "on_attach", self)
+        self._step_begin(1)
+
+    def _make_pre_hook(self, index: int) -> Any:
+        def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self._before(index)
+
+        return pre_hook
+
+    def _make_post_hook(self, index: int) -> Any:
+        def post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self._after(index)
+
+        return post_hook
+
+    @classmethod
+    def from_config(
+        cls,
+        model: nn.Module | None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
+        config: Mapping[str, Any],
+        **overrides: Any,
+    ) -> Guard:
+        """Build a Guard from a JSON-compatible dict, so a run's hook set can live in a config file.
+
+        ``config`` may hold ``hooks`` (a list of names or ``{"name": ..., **params}`` dicts; null or
+        absent for the defaults), ``sinks`` (names or dicts such as ``{"name": "jsonl", "path": ...}``)
+        and the Guard's own keyword arguments (``repair``, ``check_every``, ``strict``, ``max_events``,
+        ``emit_rank``, ``history``). ``overrides`` pass objects a file cannot hold (``scaler=``).
+
+        Raises:
+            ValueError: for unknown keys or hook names, naming what is allowed.
+
+        Example:
+            >>> import torch, stallguard as sg
+            >>> model = torch.nn.Linear(4, 2)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> cfg = {"check_every": 10, "hooks": [{"name": "plateau", "patience": 50}], "sinks": []}
+            >>> guard = sg.Guard.from_config(model, opt, cfg)
+            >>> [type(h).__name__ for h in guard.hooks], guard.check_every
+            (['PlateauDetector'], 10)
+            >>> guard.close()
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"Guard.from_config: config must be a dict, got {type(config).__name__}")
+        unknown = set(config) - _CONFIG_KEYS
+        if unknown:
+            raise ValueError(
+                f"Guard.from_config: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(_CONFIG_KEYS))}"
+            )
+        kwargs: dict[str, Any] = {k: v for k, v in config.items() if k not in ("hooks", "sinks")}
+        hooks_cfg = config.get("hooks")
+        if hooks_cfg is not None:
+            if not isinstance(hooks_cfg, list):
+                raise TypeError(f"Guard.from_config: hooks must be a list, got {type(hooks_cfg).__name__}")
+            hooks = []
+            for i, entry in enumerate(hooks_cfg):
+                if isinstance(entry, str):
+                    hooks.append(create(entry))
+                elif isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
+                    params = {k: v for k, v in entry.items() if k != "name"}
+                    hooks.append(create(entry["name"], **params))
+                else:
+                    raise ValueError(
+                        f"Guard.from_config: hooks[{i}] must be a hook name or a dict with a 'name', got {entry!r}"
+                    )
+            kwargs["hooks"] = hooks
+        if "sinks" in config:
+            kwargs["sinks"] = config["sinks"]
+        kwargs.update(overrides)
+        return cls(model, optimizer, **kwargs)
+
+    def to_config(self) -> dict[str, Any]:
+        """The JSON-compatible config that :meth:`from_config` turns back into this hook set.
+
+        Hooks without a registry name (unregistered custom classes) are left out.
+        """
+        hooks = []
+        for h in self.hooks:
+            if h.registry_name is None or h.registry_name == "skipped_steps":
+                continue
+            hooks.append({"name": h.registry_name, **h.get_config()})
+        return {"check_every": self.check_every, "repair": self.repair, "strict": self.strict, "hooks": hooks}
+
+    # ----------------------------------------------------------------- public properties
+    @property
+    def events(self) -> list[Event]:
+        """The events so far, oldest first (the last ``max_events``)."""
+        return list(self._events)
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a hook has asked training to stop (the same on every rank)."""
+        return bool(self._stop_reasons)
+
+    @property
+    def stop_reasons(self) -> list[str]:
+        """Why hooks asked to stop, in order."""
+        return list(self._stop_reasons)
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch, as last told by the loop (``guard.epoch = e`` or ``observe(epoch=e)``)."""
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int | None) -> None:
+        if value is not None:
+            check_int("Guard", "epoch", value, min=0)
+        self._epoch = value
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (0 without torch.distributed)."""
+        return self._distributed.rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes in the job (1 without torch.distributed)."""
+        return self._distributed.world_size
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run."""
+        return self._closed
+
+    def series(self, name: str = "loss") -> Series:
+        """The host history of an observed scalar stream, as of the last check point.
+
+        Raises:
+            KeyError: naming the known streams, when ``name`` was never observed.
+        """
+        try:
+            return self._series[name]
+        except KeyError:
+            known = ", ".join(sorted(self._series)) or "none yet"
+            raise KeyError(f"no observed stream named {name!r}; known streams: {known}") from None
+
+    def has_series(self, name: str) -> bool:
+        """Whether a stream of this name has values (as of the last check point)."""
+        return name in self._series and len(self._series[name]) > 0
+
+    def hook(self, name_or_type: str | type[Hook]) -> Hook | None:
+        """The first attached hook with this name, registry name, or class; None if there is none."""
+        for h in self.hooks:
+            if isinstance(name_or_type, str):
+                if name_or_type in (h.name, h.registry_name, type(h).__name__):
+                    return h
+            elif isinstance(h, name_or_type):
+                return h
+        return None
+
+    def parameter_name(self, p: Tensor) -> str | None:
+        """The name of parameter ``p`` in the model, or None if the model does not hold it."""
+        return self._param_names.get(id(p))
+
+    def optimizer_parameters(self, index: int = 0) -> tuple[list[Any], list[str]]:
+        """The parameters of optimizer ``index`` in param-group order, with their names."""
+        opt = self.optimizers[index]
+        signature = tuple(len(g["params"]) for g in opt.param_groups)
+        cached = self._opt_params.get(index)
+        if cached is None or cached[0] != signature:
+            params, names = [], []
+            for j, group in enumerate(opt.param_groups):
+                for k, p in enumerate(group["params"]):
+                    params.append(p)
+                    names.append(self._param_names.get(id(p), f"optimizer[{index}].group[{j}].param[{k}]"))
+            cached = self._opt_params[index] = (signature, params, names)
+        return cached[1], cached[2]
+
+    # ----------------------------------------------------------------- the training loop's calls
+    def observe(
+        self,
+        loss: Tensor | float | None = None,
+        *,
+        inputs: Any = None,
+        outputs: Any = None,
+        targets: Any = None,
+        epoch: int | None = None,
+        **metrics: Tensor | float,
+    ) -> None:
+        """Report what the loop computed. Call it after ``loss.backward()``, before or after the step.
+
+        Nothing here reads a device value: tensors are kept and read at the next check point.
+
+        Args:
+            loss: The training loss of this batch, a scalar tensor or a float.
+            inputs: The batch inputs (a tensor), for input checks.
+            outputs: The model outputs (a tensor), for output and label checks.
+            targets: The targets (a tensor), for label checks.
+            epoch: The current epoch, if the loop counts them.
+            **metrics: Any named scalars, such as ``val_loss=0.41`` (floats or scalar tensors).
+
+        Raises:
+            TypeError: for a loss, metric or batch argument of the wrong type.
+            ValueError: for a non-scalar loss or metric, or batch tensors of different lengths.
+        """
+        if self._closed:
+            raise RuntimeError("Guard.observe() called after close()")
+        loss = self._check_scalar("loss", loss)
+        for key in metrics:
+            metrics[key] = self._check_scalar(key, metrics[key])
+            if metrics[key] is None:
+                raise TypeError(f"Guard.observe: metric {key}=None; pass a number or a scalar tensor")
+        self._check_batch(inputs=inputs, outputs=outputs, targets=targets)
+        if epoch is not None:
+            self.epoch = epoch
+        step = self.step
+        if loss is not None:
+            self._pending.setdefault("loss", []).append((step, loss))
+        for key, value in metrics.items():
+            self._pending.setdefault(key, []).append((step, value))
+        obs = Observation(
+            step=step,
+            loss=loss,
+            inputs=inputs,
+            outputs=outputs,
+            targets=targets,
+            metrics=dict(metrics),
+            index=self._observe_count,
+        )
+        self._observe_count += 1
+        for h in self._by_method["on_observe"]:
+            if h.enabled and h.is_due(step):
+                self._call(h, "on_observe", obs)
+
+    @staticmethod
+    def _check_scalar(name: str, value: Any) -> Tensor | float | None:
+        if value is None:
+            return None
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"Guard.observe: {name} must be a scalar (one element), got a tensor of shape "
+                    f"{tuple(value.shape)}; reduce it first, e.g. {name}.mean()"
+                )
+            if value.is_complex() or not (
+                value.is_floating_point() or value.dtype in (torch.int32, torch.int64)
+            ):
+                raise TypeError(f"Guard.observe: {name} must be a real number, got a {value.dtype} tensor")
+            return value.detach().reshape(())
+        if _is_scalar_number(value):
+            return float(value)
+        if type(value).__module__ == "numpy" and getattr(value, "size", 0) == 1:
+            return float(value)
+        raise TypeError(
+            f"Guard.observe: {name} must be a scalar tensor or a number, got {type(value).__name__}"
+        )
+
+    @staticmethod
+    def _check_batch(**batch: Any) -> None:
+        sizes = {}
+        for key, value in batch.items():
+            if value is None:
+                continue
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"Guard.observe: {key} must be a tensor (the batch, first dimension = samples), "
+                    f"got {type(value).__name__}"
+                )
+            if value.dim() == 0:
+                raise ValueError(f"Guard.observe: {key} must have a batch dimension, got a 0-d tensor")
+            sizes[key] = value.shape[0]
+        if len(set(sizes.values())) > 1:
+            detail = ", ".join(f"{k} has {v}" for k, v in sizes.items())
+            raise ValueError(
+                f"Guard.observe: inputs, outputs and targets must hold the same number of samples: {detail}"
+            )
+
+    def before_step(self, optimizer_index: int = 0) -> None:
+        """Run the pre-step hooks by hand (only with ``attach_optimizer=False``).
+
+        Call it after backward (and after ``scaler.unscale_``), right before ``optimizer.step()``.
+        """
+        self._check_manual("before_step", optimizer_index)
+        self._before(optimizer_index)
+
+    def after_step(self, optimizer_index: int = 0) -> None:
+        """Run the post-step hooks by hand (only with ``attach_optimizer=False``), right after the step."""
+        self._check_manual("after_step", optimizer_index)
+        self._after(optimizer_index)
+
+    def _check_manual(self, what: str, index: int) -> None:
+        if self.attach_optimizer and self.optimizers:
+            raise RuntimeError(
+                f"Guard.{what}() is for attach_optimizer=False; this Guard already runs on the optimizer's step hooks"
+            )
+        if self._closed:
+            raise RuntimeError(f"Guard.{what}() called after close()")
+        n = max(len(self.optimizers), 1)
+        if not isinstance(index, int) or not 0 <= index < n:
+            raise ValueError(f"Guard.{what}: optimizer_index must lie in [0, {n - 1}], got {index!r}")
+
+    def _context(self, index: int) -> StepContext:
+        if self.optimizers:
+            params, names = self.optimizer_parameters(index)
+            opt: torch.optim.Optimizer | None = self.optimizers[index]
+        else:
+            opt = None
+            named = list(self.module.named_parameters()) if self.module is not None else []
+            params, names = [p for _, p in named], [n for n, _ in named]
+        return StepContext(self, self.step + 1, opt, index, params, names)
+
+    def _before(self, index: int) -> None:
+        if self._closed:
+            return
+        ctx = self._contexts[index] = self._context(index)
+        step = ctx.step
+        for h in self._by_method["on_before_step"]:
+            if h.enabled and h.is_due(step):
+                self._call(h, "on_before_step", ctx)
+
+    def _after(self, index: int) -> None:
+        if self._closed:
+            return
+        ctx = self._contexts.pop(index, None) or self._context(index)
+        for h in self._by_method["on_after_step"]:
+            if h.enabled and h.is_due(ctx.step):
+                self._call(h, "on_after_step", ctx)
+        if self.optimizers:
+            self.optimizer_steps[index] += 1
+        if index == self.clock:
+            self.step += 1
+            if self.step % self.check_every == 0:
+                self.check()
+            self._step_begin(self.step + 1)
+
+    def _step_begin(self, step: int) -> None:
+        for h in self._by_method["on_step_begin"]:
+            if h.enabled:
+                self._call(h, "on_step_begin", step)
+
+    # ----------------------------------------------------------------- check points
+    def check(self, *, final: bool = False) -> None:
+        """Run a check point now: read every hook's state in one transfer, then let hooks decide.
+
+        The Guard runs one every ``check_every`` optimizer steps and one on :meth:`close`; call it
+        yourself at the end of an epoch to get decisions there. Under torch.distributed every rank
+        must call it at the same point (it runs one collective).
+        """
+        if self._closed:
+            raise RuntimeError("Guard.check() called after close()")
+        layout: list[tuple[str, Any, str, str, tuple[int, ...]]] = []
+        parts: list[Tensor] = []
+        for h in self.hooks:
+            if not h.enabled:
+                continue
+            for name, how in h._synced_states():
+                t: Tensor = getattr(h, name)
+                layout.append(("hook", h, name, how, tuple(t.shape)))
+                parts.append(t.detach().reshape(-1).to(self.device, torch.float64))
+        pending, self._pending = self._pending, {}
+        for key, entries in pending.items():
+            values = [
+                v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float64) for _, v in entries
+            ]
+            layout.append(("series", key, "mean", "mean", (len(values),)))
+            parts.append(torch.stack([v.to(self.device, torch.float64) for v in values]))
+        values_by_hook: dict[int, dict[str, Any]] = {id(h): {} for h in self.hooks}
+        if parts:
+            rows = self._distributed.gather(torch.cat(parts))
+            offset = 0
+            for owner_kind, owner, name, how, shape in layout:
+                size = math.prod(shape)
+                reduced = reduce_rows(rows[:, offset : offset + size], how)
+                offset += size
+                if owner_kind == "hook":
+                    out_shape = (rows.shape[0], *shape) if how == "gather" else shape
+                    arr = np.asarray(reduced).reshape(out_shape)
+                    values_by_hook[id(owner)][name] = arr.item() if arr.ndim == 0 else arr
+                else:
+                    self._commit_series(
+                        owner, [s for s, _ in pending[owner]], np.asarray(reduced, dtype=np.float64)
+                    )
+        for h in self.hooks:
+            h._reset_states()
+        self._last_check_step = self.step
+        for h in self._by_method["on_check"]:
+            if h.enabled:
+                self._call(h, "on_check", CheckContext(self, self.step, values_by_hook[id(h)], final=final))
+        self._flush_sinks()
+
+    def _commit_series(self, name: str, steps: list[int], values: np.ndarray) -> None:
+        series = self._series.get(name)
+        if series is None:
+            series = self._series[name] = Series(name, self.history)
+        i = 0
+        while i < len(steps):
+            j = i
+            while j + 1 < len(steps) and steps[j + 1] == steps[i]:
+                j += 1
+            series._append(steps[i], float(values[i : j + 1].mean()))
+            i = j + 1
+
+    # ----------------------------------------------------------------- events
+    def publish(self, event: Event) -> None:
+        """Record ``event``, write it to the sinks, and deliver it to subscribed hooks."""
+        self._events.append(event)
+        if self._distributed.should_emit():
+            for sink in self.sinks:
+                if sink.accepts(event):
+                    self._write(sink, event)
+        if self._publish_depth >= 8:
+            return  # a chain of hooks reacting to each other's events stops here
+        self._publish_depth += 1
+        try:
+            for h in self._subscribers.get(event.kind, []) + self._subscribers.get("*", []):
+                if h.enabled and h.name != event.source:
+                    self._call(h, "on_event", event)
+        finally:
+            self._publish_depth -= 1
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the training loop to stop (sets :attr:`should_stop`). Hooks call this at check points."""
+        self._stop_reasons.append(str(reason))
+
+    def _write(self, sink: Sink, event: Event) -> None:
+        try:
+            sink.write(event)
+        except Exception as exc:
+            self._sink_failed(sink, exc, "write")
+
+    def _flush_sinks(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.flush()
+            except Exception as exc:
+                self._sink_failed(sink, exc, "flush")
+
+    def _sink_failed(self, sink: Sink, exc: Exception, what: str) -> None:
+        if self.strict:
+            raise exc
+        count = self.sink_failures.get(id(sink), 0)
+        self.sink_failures[id(sink)] = count + 1
+        if count:
+            return
+        _log.warning(
+            "stallguard: sink %r failed to %s (%s: %s); the other sinks go on and every event stays in guard.events",
+            sink,
+            what,
+            type(exc).__name__,
+            exc,
+        )
+        event = Event(
+            kind="sink_error",
+            severity=Severity.ERROR,
+            message=f"{sink!r} failed to {what}: {type(exc).__name__}: {exc}",
+            step=self.step,
+            data={"sink": repr(sink), "error": f"{type(exc).__name__}: {exc}"},
+            epoch=self._epoch,
+            world_size=self.world_size,
+        )
+        self._events.append(event)
+        for other in self.sinks:
+            if other is not sink and other.accepts(event) and self._distributed.should_emit():
+                self._write(other, event)
+
+    def _call(self, hook: Hook, method: str, *args: Any) -> None:
+        try:
+            getattr(hook, method)(*args)
+        except Exception as exc:
+            if self.strict:
+                raise
+            self._hook_failed(hook, method, exc)
+
+    def _hook_failed(self, hook: Hook, method: str, exc: Exception) -> None:
+        hook.enabled = False
+        try:
+            hook.remove_handles()
+        except Exception:  # a handle that cannot be removed must not hide the original error
+            _log.debug("stallguard: removing handles of %s failed", hook.name, exc_info=True)
+        _log.warning(
+            "stallguard: hook %s raised in %s and is disabled; training goes on.\n%s",
+            hook.name,
+            method,
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        )
+        self.publish(
+            Event(
+                kind="hook_error",
+                severity=Severity.ERROR,
+                message=f"{hook.name}.{method} raised {type(exc).__name__}: {exc}; the hook is disabled",
+                step=self.step,
+                data={"hook": hook.name, "method": method, "error": f"{type(exc).__name__}: {exc}"},
+                epoch=self._epoch,
+                world_size=self.world_size,
+            )
+        )
+
+    # ----------------------------------------------------------------- diagnosis and report
+    def diagnose(self) -> list[Any]:
+        """The causes this run shows evidence of, most likely first ([] for a healthy run).
+
+        Returns:
+            A list of :class:`stallguard.Diagnosis` (cause, confidence, evidence, advice).
+        """
+        from .diagnosis import diagnose
+
+        return diagnose(self.events, guard=self)
+
+    def report(self) -> str:
+        """A human-readable summary: the run, a timeline of key events, and the diagnosis."""
+        from .diagnosis import format_report
+
+        return format_report(self)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The Guard's and every hook's state: plain tensors and Python values.
+
+        Loadable with ``torch.load(..., weights_only=True)``. Values observed since the last check
+        point are read to the host here.
+        """
+        pending = {
+            key: [[s, float(v) if isinstance(v, Tensor) else v] for s, v in entries]
+            for key, entries in self._pending.items()
+        }
+        return {
+            "version": 1,
+            "step": self.step,
+            "epoch": self._epoch,
+            "optimizer_steps": list(self.optimizer_steps),
+            "observe_count": self._observe_count,
+            "last_check_step": self._last_check_step,
+            "stop_reasons": list(self._stop_reasons),
+            "series": {
+                k: {"steps": list(s._steps), "values": list(s._values)} for k, s in self._series.items()
+            },
+            "pending": pending,
+            "events": [e.to_dict() for e in self._events],
+            "hooks": {h.name: h.state_dict() for h in self.hooks},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned, into a Guard with the same hooks.
+
+        Args:
+            state: A Guard state dict.
+            strict: Raise if the hooks here and in ``state`` differ; otherwise skip the unmatched ones.
+
+        Raises:
+            KeyError: naming the hooks that do not match, when ``strict``.
+        """
+        if not isinstance(state, Mapping) or state.get("version") != 1:
+            raise ValueError("Guard.load_state_dict: not a stallguard Guard state dict (version 1)")
+        saved = state["hooks"]
+        names = {h.name for h in self.hooks}
+        if strict and set(saved) != names:
+            raise KeyError(
+                f"Guard.load_state_dict: hooks differ; missing here: {sorted(set(saved) - names)}, "
+                f"missing in state: {sorted(names - set(saved))}"
+            )
+        self.step = int(state["step"])
+        self._epoch = state["epoch"]
+        self.optimizer_steps = list(state["optimizer_steps"])
+        self._observe_count = int(state["observe_count"])
+        self._last_check_step = int(state["last_check_step"])
+        self._stop_reasons = list(state["stop_reasons"])
+        self._series = {}
+        for key, s in state["series"].items():
+            series = self._series[key] = Series(key, self.history)
+            for st, v in zip(s["steps"], s["values"]):
+                series._append(int(st), float(v))
+        self._pending = {
+            key: [(int(s), float(v)) for s, v in entries] for key, entries in state["pending"].items()
+        }
+        self._events = collections.deque(
+            (Event.from_dict(e) for e in state["events"]), maxlen=self.max_events
+        )
+        for h in self.hooks:
+            if h.name in saved:
+                h.load_state_dict(saved[h.name])
+
+    # ----------------------------------------------------------------- closing
+    def close(self) -> None:
+        """Run a final check, let hooks finish, and remove every hook the Guard added.
+
+        Afterwards the model and optimizer behave exactly as before the Guard. Calling it twice is fine.
+        """
+        if self._closed:
+            return
+        try:
+            if self.step > self._last_check_step or self._pending:
+                self.check(final=True)
+            for h in self._by_method["on_close"]:
+                if h.enabled:
+                    self._call(h, "on_close")
+        finally:
+            self._closed = True
+            for h in self.hooks:
+                h.remove_handles()
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            for opt in self.optimizers:
+                ref = _WATCHED.get(opt)
+                if ref is not None and ref() is self:
+                    del _WATCHED[opt]
+            for sink in self.sinks:
+                try:
+                    sink.close()
+                except Exception as exc:
+                    self._sink_failed(sink, exc, "close")
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        hooks = ", ".join(h.name for h in self.hooks)
+        return f"Guard(step={self.step}, check_every={self.check_every}, hooks=[{hooks}])"

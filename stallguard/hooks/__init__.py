@@ -1,0 +1,14 @@
+"""Built-in hooks, one per module. Importing this package registers every one of them by name."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+# Each module registers its hook with @register; importing them all makes every name available.
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
+
+from .skipped_steps import SkippedSteps  # noqa: E402
+
+__all__ = ["SkippedSteps"]

@@ -1,0 +1,313 @@
+"""Shared on-device statistics of one optimizer step, computed once and lazily.
+
+Several hooks need the same numbers (per-tensor gradient norms, the global norm, a finite flag,
+weight norms, update sizes). A :class:`StepContext` computes each of them the first time a hook asks
+and hands the same tensors to every later hook, so the gradients are read once per step however many
+hooks look at them. Nothing here reads a device value to the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+__all__ = ["CheckContext", "GradNorms", "Observation", "StepContext", "UpdateNorms", "tensor_norms"]
+
+# Tensors up to this many elements are sampled whole for update sizes; larger ones by a strided
+# subset of this size, which keeps the extra memory proportional to the number of tensors.
+UPDATE_SAMPLE = 4096
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _plain(t: Tensor) -> bool:
+    return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
+
+
+def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
+    """Per-tensor norms (float32, in input order) and the total norm, in one foreach pass.
+
+    The total is computed exactly as ``torch.nn.utils.get_total_norm`` computes it (same grouping,
+    same order), so for float32 and float64 inputs the two agree bit for bit. Half-precision inputs
+    are reduced in float32.
+
+    Args:
+        tensors: Non-empty list of tensors, on any mix of devices and dtypes.
+        norm_type: The p of the p-norm; ``math.inf`` for the max norm.
+
+    Example:
+        >>> import torch
+        >>> per, total = tensor_norms([torch.ones(4), torch.ones(9)])
+        >>> per.tolist(), round(total.item(), 4)
+        ([2.0, 3.0], 3.6056)
+    """
+    if not tensors:
+        raise ValueError("tensor_norms: tensors must be a non-empty list")
+    first_device = tensors[0].device
+    grouped = torch._C._group_tensors_by_device_and_dtype([list(tensors)], False)
+    norms: list[Tensor] = []
+    order: list[int] = []
+    for (device, dtype), ([group], indices) in grouped.items():
+        foreach = device.type in ("cpu", "cuda", "xpu") and all(_plain(t) for t in group)
+        if foreach:
+            if dtype in _LOW_PRECISION:
+                norms.extend(torch._foreach_norm(group, norm_type, dtype=torch.float32))
+            else:
+                norms.extend(torch._foreach_norm(group, norm_type))
+        else:
+            norms.extend(torch.linalg.vector_norm(t, norm_type, dtype=torch.float32) for t in group)
+        order.extend(indices)
+    stacked = torch.stack([n.to(first_device) for n in norms])
+    total = torch.linalg.vector_norm(stacked, norm_type)
+    per = stacked.float()
+    if order != sorted(order):
+        per = per.index_select(0, _inverse_index(order, per.device))
+    return per, total
+
+
+_INVERSE_INDEX: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+
+
+def _inverse_index(order: list[int], device: torch.device) -> Tensor:
+    # Cached, because building an index tensor on an accelerator is a blocking host-to-device copy.
+    key = (tuple(order), device)
+    idx = _INVERSE_INDEX.get(key)
+    if idx is None:
+        inverse = [0] * len(order)
+        for pos, i in enumerate(order):
+            inverse[i] = pos
+        idx = _INVERSE_INDEX[key] = torch.tensor(inverse, device=device)
+    return idx
+
+
+@dataclass(frozen=True)
+class GradNorms:
+    """Gradient norms of one optimizer step (device tensors; read them at a check point).
+
+    Attributes:
+        names: Parameter names, aligned with ``per_tensor`` (only parameters that have a gradient).
+        per_tensor: 1-D float32 tensor of per-parameter gradient norms.
+        total: 0-d tensor, the norm of all gradients together (equals ``get_total_norm``).
+        finite: 0-d bool tensor, False when any gradient holds NaN or Inf.
+        norm_type: The p of the p-norm.
+    """
+
+    names: list[str]
+    per_tensor: Tensor
+    total: Tensor
+    finite: Tensor
+    norm_type: float
+
+
+@dataclass(frozen=True)
+class UpdateNorms:
+    """Sizes of the update the optimizer just applied, per parameter (estimated on a fixed sample).
+
+    Attributes:
+        names: Parameter names, aligned with the tensors.
+        delta: 1-D tensor, ``|w_after - w_before|`` on the sample.
+        weight: 1-D tensor, ``|w_before|`` on the same sample.
+    """
+
+    names: list[str]
+    delta: Tensor
+    weight: Tensor
+
+    @property
+    def ratio(self) -> Tensor:
+        """``|Δw| / |w|`` per parameter (0 where the weight is exactly zero and did not move)."""
+        return self.delta / self.weight.clamp_min(torch.finfo(self.weight.dtype).tiny)
+
+
+class StepContext:
+    """What a hook sees at ``on_before_step`` and ``on_after_step``: one optimizer step.
+
+    The statistics are computed the first time any hook asks for them during this step and shared
+    with every other hook; they are device tensors, never read to the host here.
+
+    Attributes:
+        guard: The Guard running the hooks.
+        step: Number of this optimizer step (1 for the first).
+        optimizer: The optimizer that is stepping.
+        optimizer_index: Its position in the Guard's optimizer list.
+        params: The optimizer's parameters, in param-group order.
+        names: Their names (from ``model.named_parameters()``; optimizer-only parameters get
+            ``"optimizer[i].group[j].param[k]"``).
+    """
+
+    def __init__(
+        self,
+        guard: Guard,
+        step: int,
+        optimizer: torch.optim.Optimizer | None,
+        optimizer_index: int,
+        params: list[torch.nn.Parameter],
+        names: list[str],
+    ) -> None:
+        self.guard = guard
+        self.step = step
+        self.optimizer = optimizer
+        self.optimizer_index = optimizer_index
+        self.params = params
+        self.names = names
+        self._grad_norms: dict[float, GradNorms] = {}
+        self._with_grad: tuple[list[Tensor], list[Tensor], list[str]] | None = None
+        self._param_norms: Tensor | None = None
+        self._update_before: list[Tensor] | None = None
+        self._update: UpdateNorms | None = None
+
+    @property
+    def is_clock(self) -> bool:
+        """Whether this optimizer's steps are the ones the Guard counts (the first optimizer)."""
+        return self.optimizer_index == self.guard.clock
+
+    def _grads(self) -> tuple[list[Tensor], list[Tensor], list[str]]:
+        if self._with_grad is None:
+            params, grads, names = [], [], []
+            for p, n in zip(self.params, self.names):
+                if p.grad is not None:
+                    params.append(p)
+                    grads.append(p.grad)
+                    names.append(n)
+            self._with_grad = (params, grads, names)
+        return self._with_grad
+
+    @property
+    def grads(self) -> list[Tensor]:
+        """The gradients that exist this step (parameters whose ``.grad`` is not None)."""
+        return self._grads()[1]
+
+    @property
+    def grad_params(self) -> list[Tensor]:
+        """The parameters that have a gradient this step, aligned with :attr:`grads`."""
+        return self._grads()[0]
+
+    @property
+    def grad_names(self) -> list[str]:
+        """Names of the parameters that have a gradient this step, aligned with :attr:`grads`."""
+        return self._grads()[2]
+
+    def grad_norms(self, norm_type: float = 2.0) -> GradNorms | None:
+        """Per-parameter and total gradient norms, computed once per step and norm type.
+
+        Returns None when no parameter of this optimizer has a gradient. Under a GradScaler with a
+        fused optimizer (whose gradients are still scaled at this point) the norms are unscaled.
+        """
+        norm_type = float(norm_type)
+        cached = self._grad_norms.get(norm_type)
+        if cached is not None:
+            return cached
+        _, grads, names = self._grads()
+        if not grads:
+            return None
+        per, total = self.guard._distributed.grad_norms(grads, norm_type)
+        scale = getattr(self.optimizer, "grad_scale", None)
+        if isinstance(scale, Tensor):
+            per = per / scale.to(per.device)
+            total = total / scale.to(total.device)
+        finite = torch.isfinite(total)
+        result = GradNorms(names=names, per_tensor=per, total=total, finite=finite, norm_type=norm_type)
+        self._grad_norms[norm_type] = result
+        return result
+
+    def param_norms(self) -> Tensor:
+        """Per-parameter weight norms (L2, float32), aligned with :attr:`grad_names`."""
+        if self._param_norms is None:
+            params = [p.detach() for p in self._grads()[0]]
+            self._param_norms = tensor_norms(params)[0] if params else torch.zeros(0)
+        return self._param_norms
+
+    def request_update(self) -> None:
+        """Ask for :meth:`update_norms` after this step. Call it from ``on_before_step``.
+
+        Takes a fixed sample of every parameter that has a gradient (at most ``UPDATE_SAMPLE``
+        elements each), so the memory cost is proportional to the number of tensors.
+        """
+        if self._update_before is None:
+            self._update_before = [_sample(p) for p in self._grads()[0]]
+
+    def update_norms(self) -> UpdateNorms | None:
+        """The update just applied, per parameter; None unless :meth:`request_update` was called."""
+        if self._update_before is None:
+            return None
+        if self._update is None:
+            params, _, names = self._grads()
+            if not params:
+                return None
+            after = [_sample(p) for p in params]
+            delta = torch._foreach_sub(after, self._update_before)
+            self._update = UpdateNorms(
+                names=names,
+                delta=tensor_norms(delta)[0],
+                weight=tensor_norms(self._update_before)[0],
+            )
+        return self._update
+
+
+_SAMPLE_INDEX: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _sample(p: Tensor) -> Tensor:
+    flat = p.detach().reshape(-1)
+    n = flat.numel()
+    if n <= UPDATE_SAMPLE:
+        return flat.clone()
+    key = (n, flat.device)
+    idx = _SAMPLE_INDEX.get(key)
+    if idx is None:
+        stride = math.ceil(n / UPDATE_SAMPLE)
+        idx = _SAMPLE_INDEX[key] = torch.arange(0, n, stride, device=flat.device)
+    return flat.index_select(0, idx)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a hook sees at ``on_observe``: one call of ``guard.observe``.
+
+    Attributes:
+        step: Optimizer steps completed when ``observe`` was called.
+        loss: The loss as given (a scalar tensor or a float), or None.
+        inputs: The batch inputs, or None.
+        outputs: The model outputs, or None.
+        targets: The targets, or None.
+        metrics: Other named scalars (``val_loss=...``), as given.
+        index: How many ``observe`` calls came before this one.
+    """
+
+    step: int
+    loss: Tensor | float | None = None
+    inputs: Any = None
+    outputs: Any = None
+    targets: Any = None
+    metrics: dict[str, Tensor | float] | None = None
+    index: int = 0
+
+
+class CheckContext:
+    """What a hook sees at ``on_check``: host numbers, read in the check point's one transfer.
+
+    Attributes:
+        guard: The Guard.
+        step: Optimizer steps completed.
+        values: This hook's declared tensor states after the cross-rank reduction, as Python floats
+            (0-d states) or numpy arrays.
+        final: True for the last check, run by ``Guard.close()``.
+    """
+
+    def __init__(self, guard: Guard, step: int, values: dict[str, Any], final: bool = False) -> None:
+        self.guard = guard
+        self.step = step
+        self.values = values
+        self.final = final
+
+    def series(self, name: str = "loss") -> Any:
+        """The host history of a scalar stream (``"loss"`` or a metric name); see ``Guard.series``."""
+        return self.guard.series(name)
