@@ -106,7 +106,5 @@ def format_report(guard: Guard, *, max_timeline: int = 30) -> str:
             lines += [f"    - {ev}" for ev in d.evidence]
     if any(guard.sink_failures.values()):
         lines.append("")
-        lines.append(
-            f"note: {sum(guard.sink_failures.values())} sink write(s) failed; every event is in guard.events"
-        )
+        lines.append(f"note: {sum(guard.sink_failures.values())} sink write(s) failed; every event is in guard.events")
     return "\n".join(lines)

@@ -60,9 +60,7 @@ class DistributedContext:
         self.world_size = dist.get_world_size(group) if self.active else 1
         self.kind = _model_kind(model)
         if emit_rank is not None and not 0 <= emit_rank < self.world_size:
-            raise ValueError(
-                f"Guard: emit_rank must lie in [0, {self.world_size - 1}] or be None, got {emit_rank}"
-            )
+            raise ValueError(f"Guard: emit_rank must lie in [0, {self.world_size - 1}] or be None, got {emit_rank}")
         self.emit_rank = emit_rank
         self.backend = dist.get_backend(group) if self.active else None
 

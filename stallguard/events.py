@@ -89,15 +89,11 @@ def to_json_safe(value: Any, *, where: str = "data") -> Any:
     # numpy and torch values: imported lazily so this module stays light.
     tolist = getattr(value, "tolist", None)
     if callable(tolist) and type(value).__module__.split(".")[0] in ("numpy", "torch"):
-        if type(value).__module__.startswith("torch") and getattr(value, "device", None) is not None:
-            if value.device.type != "cpu":
-                raise TypeError(
-                    f"{where}: device tensors must be read at a check point before they are emitted"
-                )
+        device = getattr(value, "device", None) if type(value).__module__.startswith("torch") else None
+        if device is not None and device.type != "cpu":
+            raise TypeError(f"{where}: device tensors must be read at a check point before they are emitted")
         return to_json_safe(tolist(), where=where)
-    raise TypeError(
-        f"{where}: {type(value).__name__} is not JSON-safe (use numbers, strings, lists or dicts)"
-    )
+    raise TypeError(f"{where}: {type(value).__name__} is not JSON-safe (use numbers, strings, lists or dicts)")
 
 
 def _freeze(value: Any) -> Any:
@@ -197,9 +193,7 @@ class Event:
         """
         schema = int(d.get("schema", SCHEMA_VERSION))
         if schema > SCHEMA_VERSION:
-            raise ValueError(
-                f"event schema {schema} is newer than this stallguard understands ({SCHEMA_VERSION})"
-            )
+            raise ValueError(f"event schema {schema} is newer than this stallguard understands ({SCHEMA_VERSION})")
         missing = [k for k in ("kind", "severity", "message") if k not in d]
         if missing:
             raise ValueError(f"event record lacks required field(s) {missing}: {dict(d)!r}")

@@ -185,9 +185,7 @@ class Guard:
         if emit_rank is not None:
             check_int("Guard", "emit_rank", emit_rank, min=0)
         if scaler is not None and not callable(getattr(scaler, "get_backoff_factor", None)):
-            raise TypeError(
-                f"Guard: scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
-            )
+            raise TypeError(f"Guard: scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         self.scaler = scaler
         self._distributed = DistributedContext(model, emit_rank=emit_rank)
 
@@ -229,9 +227,7 @@ class Guard:
         opts = list(opts)
         for i, opt in enumerate(opts):
             if not isinstance(opt, torch.optim.Optimizer):
-                raise TypeError(
-                    f"Guard: optimizer[{i}] must be a torch.optim.Optimizer, got {type(opt).__name__}"
-                )
+                raise TypeError(f"Guard: optimizer[{i}] must be a torch.optim.Optimizer, got {type(opt).__name__}")
         if len({id(o) for o in opts}) != len(opts):
             raise ValueError("Guard: the same optimizer appears twice in optimizer")
         return opts
@@ -264,18 +260,14 @@ class Guard:
             built = list(hooks)
             for i, h in enumerate(built):
                 if not isinstance(h, Hook):
-                    raise TypeError(
-                        f"Guard: hooks[{i}] must be a stallguard.Hook, got {type(h).__name__} {h!r}"
-                    )
+                    raise TypeError(f"Guard: hooks[{i}] must be a stallguard.Hook, got {type(h).__name__} {h!r}")
                 if h.guard is not None:
                     raise ValueError(f"Guard: hooks[{i}] ({h.name}) is already attached to another Guard")
             if len({id(h) for h in built}) != len(built):
                 raise ValueError("Guard: the same hook object appears twice in hooks")
             if self.repair:
                 present = {type(h) for h in built}
-                built += [
-                    h for h in default_hooks(repair=True) if h.modifies_training and type(h) not in present
-                ]
+                built += [h for h in default_hooks(repair=True) if h.modifies_training and type(h) not in present]
         if self.scaler is not None:
             built.append(create("skipped_steps", scaler=self.scaler))
         seen: dict[str, int] = {}
@@ -566,18 +558,14 @@ class Guard:
                     f"Guard.observe: {name} must be a scalar (one element), got a tensor of shape "
                     f"{tuple(value.shape)}; reduce it first, e.g. {name}.mean()"
                 )
-            if value.is_complex() or not (
-                value.is_floating_point() or value.dtype in (torch.int32, torch.int64)
-            ):
+            if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
                 raise TypeError(f"Guard.observe: {name} must be a real number, got a {value.dtype} tensor")
             return value.detach().reshape(())
         if _is_scalar_number(value):
             return float(value)
         if type(value).__module__ == "numpy" and getattr(value, "size", 0) == 1:
             return float(value)
-        raise TypeError(
-            f"Guard.observe: {name} must be a scalar tensor or a number, got {type(value).__name__}"
-        )
+        raise TypeError(f"Guard.observe: {name} must be a scalar tensor or a number, got {type(value).__name__}")
 
     @staticmethod
     def _check_batch(**batch: Any) -> None:
@@ -683,9 +671,7 @@ class Guard:
                 parts.append(t.detach().reshape(-1).to(self.device, torch.float64))
         pending, self._pending = self._pending, {}
         for key, entries in pending.items():
-            values = [
-                v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float64) for _, v in entries
-            ]
+            values = [v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float64) for _, v in entries]
             layout.append(("series", key, "mean", "mean", (len(values),)))
             parts.append(torch.stack([v.to(self.device, torch.float64) for v in values]))
         values_by_hook: dict[int, dict[str, Any]] = {id(h): {} for h in self.hooks}
@@ -701,9 +687,7 @@ class Guard:
                     arr = np.asarray(reduced).reshape(out_shape)
                     values_by_hook[id(owner)][name] = arr.item() if arr.ndim == 0 else arr
                 else:
-                    self._commit_series(
-                        owner, [s for s, _ in pending[owner]], np.asarray(reduced, dtype=np.float64)
-                    )
+                    self._commit_series(owner, [s for s, _ in pending[owner]], np.asarray(reduced, dtype=np.float64))
         for h in self.hooks:
             h._reset_states()
         self._last_check_step = self.step
@@ -855,9 +839,7 @@ class Guard:
             "observe_count": self._observe_count,
             "last_check_step": self._last_check_step,
             "stop_reasons": list(self._stop_reasons),
-            "series": {
-                k: {"steps": list(s._steps), "values": list(s._values)} for k, s in self._series.items()
-            },
+            "series": {k: {"steps": list(s._steps), "values": list(s._values)} for k, s in self._series.items()},
             "pending": pending,
             "events": [e.to_dict() for e in self._events],
             "hooks": {h.name: h.state_dict() for h in self.hooks},
@@ -893,12 +875,8 @@ class Guard:
             series = self._series[key] = Series(key, self.history)
             for st, v in zip(s["steps"], s["values"]):
                 series._append(int(st), float(v))
-        self._pending = {
-            key: [(int(s), float(v)) for s, v in entries] for key, entries in state["pending"].items()
-        }
-        self._events = collections.deque(
-            (Event.from_dict(e) for e in state["events"]), maxlen=self.max_events
-        )
+        self._pending = {key: [(int(s), float(v)) for s, v in entries] for key, entries in state["pending"].items()}
+        self._events = collections.deque((Event.from_dict(e) for e in state["events"]), maxlen=self.max_events)
         for h in self.hooks:
             if h.name in saved:
                 h.load_state_dict(saved[h.name])

@@ -274,9 +274,7 @@ class Hook:
         hook never keeps running inside the model. Returns ``handle``.
         """
         if not callable(getattr(handle, "remove", None)):
-            raise TypeError(
-                f"{type(self).__name__}.register_handle: expected a handle with remove(), got {handle!r}"
-            )
+            raise TypeError(f"{type(self).__name__}.register_handle: expected a handle with remove(), got {handle!r}")
         self._handles.append(handle)
         return handle
 

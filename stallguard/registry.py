@@ -81,9 +81,7 @@ def _load_entry_points() -> None:
             continue
         cls = ep.load()
         if not (isinstance(cls, type) and issubclass(cls, Hook)):
-            raise TypeError(
-                f"entry point {ep.name!r} ({ep.value}) in {ENTRY_POINT_GROUP!r} is not a Hook subclass"
-            )
+            raise TypeError(f"entry point {ep.name!r} ({ep.value}) in {ENTRY_POINT_GROUP!r} is not a Hook subclass")
         _REGISTRY[ep.name] = cls
         if cls.registry_name is None:
             cls.registry_name = ep.name

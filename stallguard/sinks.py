@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import logging
 import os
 import weakref
@@ -77,15 +78,11 @@ class LoggingSink(Sink):
         >>> sink.write(sg.Event(kind="plateau", severity="warning", message="loss flat"))
     """
 
-    def __init__(
-        self, logger: str | logging.Logger = "stallguard", min_severity: Severity | str = "info"
-    ) -> None:
+    def __init__(self, logger: str | logging.Logger = "stallguard", min_severity: Severity | str = "info") -> None:
         super().__init__(min_severity)
         if isinstance(logger, str):
             logger = logging.getLogger(logger)
-        self.logger = check_type(
-            "LoggingSink", "logger", logger, logging.Logger, "a logger name or logging.Logger"
-        )
+        self.logger = check_type("LoggingSink", "logger", logger, logging.Logger, "a logger name or logging.Logger")
 
     def write(self, event: Event) -> None:
         self.logger.log(int(event.severity), "%s", event)
@@ -150,10 +147,9 @@ class CallableSink(Sink):
 def _flush_at_exit(ref: weakref.ref[JSONLSink]) -> None:
     sink = ref()
     if sink is not None:
-        try:
+        # Nothing is left to report to at interpreter exit; unwritten lines stay unwritten, never partial.
+        with contextlib.suppress(OSError):
             sink.flush()
-        except OSError:
-            pass  # nothing left to report to at interpreter exit; the lines stay unwritten, never partial
 
 
 class JSONLSink(Sink):
@@ -191,9 +187,7 @@ class JSONLSink(Sink):
     ) -> None:
         super().__init__(min_severity)
         if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(
-                f"JSONLSink: path must be a str or os.PathLike, got {type(path).__name__} {path!r}"
-            )
+            raise TypeError(f"JSONLSink: path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
         self.path = Path(path)
         self.buffer_lines = check_int("JSONLSink", "buffer_lines", buffer_lines, min=1)
         self.path.parent.mkdir(parents=True, exist_ok=True)

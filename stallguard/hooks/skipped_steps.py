@@ -42,9 +42,7 @@ class SkippedSteps(Hook):
     def __init__(self, scaler: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not callable(getattr(scaler, "get_backoff_factor", None)):
-            raise TypeError(
-                f"SkippedSteps: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}"
-            )
+            raise TypeError(f"SkippedSteps: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.scaler = scaler
         self.add_state("skipped", torch.zeros((), dtype=torch.float64), reduce="max", reset=True)
         self.add_state("scale", torch.zeros((), dtype=torch.float64), reduce="max")
