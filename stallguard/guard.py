@@ -247,16 +247,21 @@ class Guard:
     def _build_sinks(self, sinks: Iterable[Any] | None) -> list[Sink]:
         if sinks is None:
             return [LoggingSink()]
-        if isinstance(sinks, (Sink, str, dict)):
-            raise TypeError("Guard: sinks must be a list of sinks (wrap a single sink in a list)")
+        if isinstance(sinks, (Sink, str, dict)) or not isinstance(sinks, Iterable):
+            raise TypeError(
+                f"Guard: sinks must be a list of sinks (wrap a single sink in a list), got {type(sinks).__name__}"
+            )
         return [create_sink(s) for s in sinks]
 
     def _build_hooks(self, hooks: Iterable[Hook] | None) -> list[Hook]:
         if hooks is None:
             built = default_hooks(repair=self.repair)
         else:
-            if isinstance(hooks, Hook):
-                raise TypeError("Guard: hooks must be a list of Hook objects (wrap a single hook in a list)")
+            if isinstance(hooks, Hook) or not isinstance(hooks, Iterable):
+                raise TypeError(
+                    f"Guard: hooks must be a list of Hook objects (wrap a single hook in a list), "
+                    f"got {type(hooks).__name__}"
+                )
             built = list(hooks)
             for i, h in enumerate(built):
                 if not isinstance(h, Hook):
@@ -347,8 +352,9 @@ class Guard:
     ) -> Guard:
         """Build a Guard from a JSON-compatible dict, so a run's hook set can live in a config file.
 
-        ``config`` may hold ``hooks`` (a list of names or ``{"name": ..., **params}`` dicts; null or
-        absent for the defaults), ``sinks`` (names or dicts such as ``{"name": "jsonl", "path": ...}``)
+        ``config`` may hold ``hooks`` (a list of registry names or ``{"hook": name, **params}`` dicts,
+        where ``params`` may include the instance ``name``; ``{"name": registry_name, ...}`` is accepted
+        when ``"hook"`` is absent; null or absent for the defaults), ``sinks`` (names or dicts such as ``{"name": "jsonl", "path": ...}``)
         and the Guard's own keyword arguments (``repair``, ``check_every``, ``strict``, ``max_events``,
         ``emit_rank``, ``history``). ``overrides`` pass objects a file cannot hold (``scaler=``).
 
@@ -359,7 +365,7 @@ class Guard:
             >>> import torch, stallguard as sg
             >>> model = torch.nn.Linear(4, 2)
             >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            >>> cfg = {"check_every": 10, "hooks": [{"name": "plateau", "patience": 50}], "sinks": []}
+            >>> cfg = {"check_every": 10, "hooks": [{"hook": "plateau", "patience": 50}], "sinks": []}
             >>> guard = sg.Guard.from_config(model, opt, cfg)
             >>> [type(h).__name__ for h in guard.hooks], guard.check_every
             (['PlateauDetector'], 10)
@@ -381,12 +387,13 @@ class Guard:
             for i, entry in enumerate(hooks_cfg):
                 if isinstance(entry, str):
                     hooks.append(create(entry))
-                elif isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
-                    params = {k: v for k, v in entry.items() if k != "name"}
-                    hooks.append(create(entry["name"], **params))
+                elif isinstance(entry, Mapping) and isinstance(entry.get("hook", entry.get("name")), str):
+                    params = dict(entry)
+                    registry_name = params.pop("hook") if "hook" in params else params.pop("name")
+                    hooks.append(create(registry_name, **params))
                 else:
                     raise ValueError(
-                        f"Guard.from_config: hooks[{i}] must be a hook name or a dict with a 'name', got {entry!r}"
+                        f"Guard.from_config: hooks[{i}] must be a hook name or a dict with a 'hook' name, got {entry!r}"
                     )
             kwargs["hooks"] = hooks
         if "sinks" in config:
@@ -403,7 +410,7 @@ class Guard:
         for h in self.hooks:
             if h.registry_name is None or h.registry_name == "skipped_steps":
                 continue
-            hooks.append({"name": h.registry_name, **h.get_config()})
+            hooks.append({"hook": h.registry_name, **h.get_config()})
         return {"check_every": self.check_every, "repair": self.repair, "strict": self.strict, "hooks": hooks}
 
     # ----------------------------------------------------------------- public properties

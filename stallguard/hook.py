@@ -107,6 +107,7 @@ class Hook:
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"{owner}: name must be a non-empty str, got {name!r}")
         self.name: str = name or owner
+        self._given_name = name
         self.guard: Guard | None = None
         self.enabled = True
         self._states: dict[str, _State] = {}
@@ -265,6 +266,9 @@ class Hook:
                     continue
                 if pname not in config and hasattr(self, pname):
                     config[pname] = getattr(self, pname)
+        config["name"] = self._given_name  # the Guard may suffix duplicates; the config keeps what was asked
+        if config["name"] is None:
+            del config["name"]
         return config
 
     def register_handle(self, handle: Any) -> Any:

@@ -101,8 +101,8 @@ def get(name: str) -> type[Hook]:
         raise ValueError(f"unknown hook {name!r}; known hooks: {', '.join(sorted(_REGISTRY))}") from None
 
 
-def create(name: str, **params: Any) -> Hook:
-    """Instantiate the hook registered as ``name`` with ``params``.
+def create(name: str, /, **params: Any) -> Hook:
+    """Instantiate the hook registered as ``name`` with ``params`` (which may include the instance ``name``).
 
     Example:
         >>> import stallguard as sg
