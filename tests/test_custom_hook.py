@@ -22,8 +22,7 @@ def doc_namespace() -> dict:
 
 def test_the_documented_loss_spike_hook_finds_spikes_and_only_spikes():
     ns = doc_namespace()
-    guard, model, opt = ns["guard"], ns["model"], ns["opt"]
-    guard.close()
+    ns["guard"].close()
     LossSpike = ns["LossSpike"]
 
     def run(spike_at):

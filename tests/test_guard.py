@@ -374,7 +374,7 @@ class TestBadArguments:
             sg.Guard(self.model, self.opt, **kwargs)
 
     def test_model_and_optimizer_types(self):
-        with pytest.raises(TypeError, match="model must be a torch.nn.Module or None, got str"):
+        with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module or None, got str"):
             sg.Guard("model", self.opt)
         with pytest.raises(TypeError, match=r"optimizer\[1\] must be a torch.optim.Optimizer, got str"):
             sg.Guard(self.model, [self.opt, "adam"])

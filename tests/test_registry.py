@@ -28,7 +28,7 @@ def test_register_and_create():
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(ValueError, match="unknown hook 'nope'; known hooks: .*test_counter"):
+    with pytest.raises(ValueError, match=r"unknown hook 'nope'; known hooks: .*test_counter"):
         sg.create("nope")
 
 
