@@ -356,7 +356,8 @@ class Guard:
         where ``params`` may include the instance ``name``; ``{"name": registry_name, ...}`` is accepted
         when ``"hook"`` is absent; null or absent for the defaults), ``sinks`` (names or dicts such as
         ``{"name": "jsonl", "path": ...}``) and the Guard's own keyword arguments (``repair``,
-        ``check_every``, ``strict``, ``max_events``, ``emit_rank``, ``history``). ``overrides`` pass objects a file cannot hold (``scaler=``).
+        ``check_every``, ``strict``, ``max_events``, ``emit_rank``, ``history``). ``overrides`` pass
+        objects a file cannot hold (``scaler=``).
 
         Raises:
             ValueError: for unknown keys or hook names, naming what is allowed.
