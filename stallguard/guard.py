@@ -403,7 +403,8 @@ class Guard:
         for h in self.hooks:
             if h.registry_name is None or h.registry_name == "skipped_steps":
                 continue
-            hooks.append({"name": h.registry_name, **h.get_config()})
+            # The registry name goes last: a hook's own ``name`` parameter would otherwise replace it.
+            hooks.append({**h.get_config(), "name": h.registry_name})
         return {"check_every": self.check_every, "repair": self.repair, "strict": self.strict, "hooks": hooks}
 
     # ----------------------------------------------------------------- public properties
