@@ -13,7 +13,7 @@ from .diagnosis import Diagnosis, diagnose
 from .events import SCHEMA_VERSION, Event, EventBus, Severity
 from .guard import Guard, Series
 from .hook import REDUCTIONS, Hook
-from .hooks import SkippedSteps
+from .hooks import ActivationProbe, DeadReLUCounter, SkippedSteps
 from .registry import available, create, default_hooks, register
 from .sinks import CallableSink, JSONLSink, LoggingSink, MemorySink, Sink, TensorBoardSink, read_jsonl
 from .stats import CheckContext, GradNorms, Observation, StepContext, UpdateNorms
@@ -24,8 +24,10 @@ __all__ = [
     "CAUSES",
     "REDUCTIONS",
     "SCHEMA_VERSION",
+    "ActivationProbe",
     "CallableSink",
     "CheckContext",
+    "DeadReLUCounter",
     "Diagnosis",
     "Event",
     "EventBus",
