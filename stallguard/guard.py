@@ -320,15 +320,20 @@ class Guard:
                 )
         for opt in self.optimizers:
             _WATCHED[opt] = weakref.ref(self)
-        if self.attach_optimizer:
-            for i, opt in enumerate(self.optimizers):
-                self._handles.append(opt.register_step_pre_hook(self._make_pre_hook(i)))
-                self._handles.append(opt.register_step_post_hook(self._make_post_hook(i)))
-        for h in self.hooks:
-            h._bind(self)
-        for h in self.hooks:
-            self._call(h, "on_attach", self)
-        self._step_begin(1)
+        try:
+            if self.attach_optimizer:
+                for i, opt in enumerate(self.optimizers):
+                    self._handles.append(opt.register_step_pre_hook(self._make_pre_hook(i)))
+                    self._handles.append(opt.register_step_post_hook(self._make_post_hook(i)))
+            for h in self.hooks:
+                h._bind(self)
+            for h in self.hooks:
+                self._call(h, "on_attach", self)
+            self._step_begin(1)
+        except BaseException:
+            # A Guard that fails to build (strict mode) must leave the model and optimizer untouched.
+            self._detach()
+            raise
 
     def _make_pre_hook(self, index: int) -> Any:
         def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -904,21 +909,24 @@ class Guard:
                 if h.enabled:
                     self._call(h, "on_close")
         finally:
-            self._closed = True
-            for h in self.hooks:
-                h.remove_handles()
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
-            for opt in self.optimizers:
-                ref = _WATCHED.get(opt)
-                if ref is not None and ref() is self:
-                    del _WATCHED[opt]
+            self._detach()
             for sink in self.sinks:
                 try:
                     sink.close()
                 except Exception as exc:
                     self._sink_failed(sink, exc, "close")
+
+    def _detach(self) -> None:
+        self._closed = True
+        for h in self.hooks:
+            h.remove_handles()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for opt in self.optimizers:
+            ref = _WATCHED.get(opt)
+            if ref is not None and ref() is self:
+                del _WATCHED[opt]
 
     def __enter__(self) -> Guard:
         return self

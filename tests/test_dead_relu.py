@@ -337,7 +337,7 @@ def test_modules_by_object_and_name() -> None:
     guard = sg.Guard(model, opt, hooks=[counter], sinks=[], strict=True)
     assert counter.layers == ["3", "1"]
     config = guard.to_config()
-    [entry] = [h for h in config["hooks"] if h["name"] == "dead_relu"]
+    [entry] = [h for h in config["hooks"] if h["hook"] == "dead_relu"]
     assert entry["modules"] == ["module.3", "3", "1"]
     guard.close()
     rebuilt = sg.Guard.from_config(model, opt, {**config, "sinks": []})

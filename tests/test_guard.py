@@ -457,3 +457,18 @@ def test_compiled_and_wrapped_models_are_unwrapped_for_names():
     assert guard.module is model
     assert guard.parameter_name(model[0].weight) == "0.weight"
     guard.close()
+
+
+def test_a_guard_that_fails_to_attach_leaves_the_optimizer_untouched():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    class FailsAtAttach(sg.Hook):
+        def on_attach(self, guard):
+            self.register_handle(guard.module[0].register_forward_hook(lambda *a: None))
+            raise RuntimeError("cannot attach")
+
+    with pytest.raises(RuntimeError, match="cannot attach"):
+        sg.Guard(model, opt, hooks=[FailsAtAttach()], sinks=[], strict=True)
+    assert not opt._optimizer_step_pre_hooks and not model[0]._forward_hooks
+    sg.Guard(model, opt, hooks=[], sinks=[]).close()  # the optimizer is free again
