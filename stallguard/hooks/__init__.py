@@ -9,6 +9,8 @@ import pkgutil
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
+from .lr_reducer import LRAutoReducer  # noqa: E402
+from .plateau import PlateauDetector  # noqa: E402
 from .skipped_steps import SkippedSteps  # noqa: E402
 
-__all__ = ["SkippedSteps"]
+__all__ = ["LRAutoReducer", "PlateauDetector", "SkippedSteps"]
