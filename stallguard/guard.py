@@ -412,7 +412,10 @@ class Guard:
         for h in self.hooks:
             if h.registry_name is None or h.registry_name == "skipped_steps":
                 continue
-            hooks.append({"name": h.registry_name, **h.get_config()})
+            params = h.get_config()
+            # "name" in a config entry is the registry name; a hook's own display name cannot ride along.
+            params.pop("name", None)
+            hooks.append({"name": h.registry_name, **params})
         return {"check_every": self.check_every, "repair": self.repair, "strict": self.strict, "hooks": hooks}
 
     # ----------------------------------------------------------------- public properties

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import numpy as np
@@ -379,6 +380,20 @@ def test_repair_default_is_event_driven():
     assert LRAutoReducer.modifies_training
     cfg = LRAutoReducer(on=["plateau"]).get_config()
     assert LRAutoReducer(**cfg).on == ("plateau",)
+
+
+def test_config_round_trip():
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = [PlateauDetector(min_delta=0.01, patience=30), LRAutoReducer(on=("plateau",), min_lr=[0.001])]
+    guard = sg.Guard(model, opt, hooks=hooks, sinks=[])
+    config = json.loads(json.dumps(guard.to_config()))  # a config file holds it
+    guard.close()
+    again = sg.Guard.from_config(model, opt, {**config, "sinks": []})
+    det, red = again.hook(PlateauDetector), again.hook(LRAutoReducer)
+    assert (det.threshold, det.threshold_mode, det.patience) == (0.01, "abs", 30)
+    assert (red.on, red.min_lr, red.subscribes) == (("plateau",), [0.001], ("plateau",))
+    again.close()
 
 
 def test_needs_an_optimizer():

@@ -285,11 +285,7 @@ class LRAutoReducer(Hook):
         if len(current) != len(self.expected_lrs):
             self.expected_lrs = current
             return
-        raised = [
-            i
-            for i, (c, e) in enumerate(zip(current, self.expected_lrs))
-            if c > e * (1.0 + _OVERRIDE_TOLERANCE) + 1e-300
-        ]
+        raised = [i for i, (c, e) in enumerate(zip(current, self.expected_lrs)) if c > e * (1.0 + _OVERRIDE_TOLERANCE)]
         if not raised:
             # Lower is fine (a scheduler decaying further); remember it so a later rise is caught.
             self.expected_lrs = current

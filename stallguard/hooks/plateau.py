@@ -79,52 +79,58 @@ def _kruskal_ratio(blocks: np.ndarray) -> float:
 class PlateauDetector(Hook):
     """Report when a loss (or any observed metric) stops improving, diverges, or swings without progress.
 
-    Per-step training losses are noisy, so single values are never compared. The detector keeps the
-    last ``window`` observations of the monitored stream and asks, after each new one, whether this
-    window is *better* than the best earlier window: its median passes the threshold of
-    ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (``threshold``, ``threshold_mode``) and its values
-    rank lower than the best window's by at least ``noise_z`` standard deviations (a Mann-Whitney
-    test, so mini-batch noise does not count as progress, while any series that keeps falling does).
-    Observations without such an improvement are counted; when ``patience`` of them have passed, it
-    emits ``plateau`` and starts counting again, so a plateau that persists is reported again after
-    another ``patience`` (``cooldown`` adds a pause, as in ReduceLROnPlateau). It emits ``recovered``
-    when improvement resumes, and ``converged`` (info) instead of ``plateau`` when the level has
-    fallen below ``converged_fraction`` of where the run started.
+    Per-step training losses are noisy, so single values are never compared. After each new
+    observation the detector asks whether the last ``window`` observations are *better* than the best
+    earlier window: their median passes ReduceLROnPlateau's improvement test (``threshold``,
+    ``threshold_mode``) and their values rank below the best window's by at least ``noise_z``
+    standard deviations (a Mann-Whitney test: mini-batch noise does not count as progress, while a
+    series that keeps falling always does, whatever the size of its steps). Observations without such
+    an improvement are counted (``warmup`` and ``cooldown`` hold the count at zero, as cooldown does
+    in ReduceLROnPlateau); once the count reaches the patience, it emits ``plateau`` and counts again
+    from zero, so a plateau that persists is reported again one patience later. The patience grows
+    with the progress already made: ``patience * (1 + patience_growth * progress)``, where
+    ``progress`` is the fraction of the start level (the first observed value) already lost, so a
+    loss stuck where it started is reported soonest and a pause after much progress needs more
+    evidence. It emits ``recovered`` when improvement resumes, and ``converged`` (info, once)
+    instead of ``plateau`` when the level is below ``converged_fraction`` of the start.
 
-    It also emits ``divergence`` for non-finite values, for a window median ``divergence_factor``
-    times worse than the best one, and for single values ``explosion_factor`` times above the start;
-    and ``oscillation`` when a plateau's stretch consists of large swings of the level (a
-    Kruskal-Wallis test over consecutive blocks) rather than flat noise.
+    It emits ``divergence`` for non-finite values, for a window median ``divergence_factor`` times
+    worse than the best window median, and for single values above ``explosion_factor`` times the
+    start (or best) level; and, with a plateau, ``oscillation`` when the stretch without progress is
+    made of swings of the level (a Kruskal-Wallis test over ten consecutive blocks) rather than
+    flat noise.
 
     The detector reads the Guard's host copy of the stream at check points and does no work per
-    step, so a finding waits for the next check point (``Guard(check_every=...)``).
+    step; a finding is reported at the next check point (``Guard(check_every=...)``), one event per
+    kind and check point.
 
     Args:
-        monitor: The observed stream: ``"loss"`` (``guard.observe(loss)``) or the name of a metric
+        monitor: The observed stream: ``"loss"`` (``guard.observe(loss)``) or a metric name
             (``guard.observe(val_loss=...)``).
-        mode: ``"min"`` if lower is better, ``"max"`` if higher is better.
-        patience: Observations without improvement before ``plateau`` is reported. Default: 100
-            for ``"loss"``, 5 for other metrics (counted in observations of that metric).
+        mode: ``"min"`` if lower is better, ``"max"`` if higher is better. ``converged``, explosions
+            and the growth of patience apply to ``"min"`` only.
+        patience: Observations without improvement before ``plateau``, when no progress was made.
+            Default: 50 for ``"loss"``, 5 for a metric (counted in observations of that metric).
         threshold: Minimum change of the window median that counts as improvement.
         threshold_mode: ``"rel"`` (relative to the best, as ReduceLROnPlateau) or ``"abs"``.
-        cooldown: Observations to wait after a ``plateau`` before counting again.
-        warmup: Observations at the start that never count towards a plateau. Default: 100 for
-            ``"loss"``, 0 for other metrics.
-        window: Observations per window. Default: 50 for ``"loss"``, 1 for other metrics (a
-            validation metric is already an average; with 1 the noise test is off and the
-            semantics are exactly those of ReduceLROnPlateau's improvement test).
+        cooldown: Observations after a ``plateau`` before counting starts again.
+        warmup: Observations at the start that never count towards a plateau (the first window
+            fills first in any case). Default: 0.
+        window: Observations per window. Default: 50 for ``"loss"``; 1 for a metric (a validation
+            metric is an average already; with 1 the noise test is off and the improvement test is
+            exactly ReduceLROnPlateau's).
         min_delta: Alias for an absolute ``threshold`` (the Keras and Lightning name).
-        noise_z: How many standard deviations of the rank test an improvement needs; 0 turns the
-            noise test off.
-        converged_fraction: A plateau below this fraction of the start level is ``converged``.
-        divergence_factor: ``divergence`` when the window median is this many times worse than the
-            best window median (relative to the best's size).
+        noise_z: Standard deviations of the rank test an improvement needs; 0 turns the test off.
+        converged_fraction: A flat level below this fraction of the start is ``converged``.
+        divergence_factor: ``divergence`` when the window median exceeds the best window median by
+            ``divergence_factor - 1`` times the best's size.
         explosion_factor: ``divergence`` when a single value exceeds this multiple of the start
-            level (median of the first five observations); mode ``"min"`` only.
-        oscillation_ratio: Kruskal-Wallis H per degree of freedom over the plateau's blocks above
-            which the level swings (1 for pure noise).
-        oscillation_amplitude: Minimum range of the block medians, relative to the level, for an
-            ``oscillation``.
+            level (or of the best level, when higher).
+        oscillation_ratio: Kruskal-Wallis H per degree of freedom over ten blocks of the recent
+            values above which the level swings (about 1 for noise).
+        oscillation_amplitude: Minimum range of the block medians, relative to the level.
+        patience_growth: How much the patience grows with progress. Default: 6 for ``"loss"``, 0
+            for a metric.
         **kwargs: ``every``, ``start_step``, ``name`` (see :class:`~stallguard.Hook`).
 
     Example:
@@ -444,6 +450,8 @@ class PlateauDetector(Hook):
         out: list[Finding] = []
         win = np.asarray(self.recent[-self.window :])
         level = float(np.median(win))
+        if self.converged and not self._is_converged(level):
+            self.converged = False  # back above the floor: a later flat stretch is a plateau again
         if self.best is None:
             self._set_best(level, win, step)
             return out
@@ -528,7 +536,6 @@ class PlateauDetector(Hook):
         self.plateau_since = None
         self.plateau_level = None
         self.repeats = 0
-        self.converged = False
 
     def _plateau(self, level: float, step: int, patience: int) -> list[Finding]:
         start = self._start()
