@@ -13,7 +13,7 @@ from .diagnosis import Diagnosis, diagnose
 from .events import SCHEMA_VERSION, Event, EventBus, Severity
 from .guard import Guard, Series
 from .hook import REDUCTIONS, Hook
-from .hooks import ActivationProbe, DeadReLUCounter, SkippedSteps
+from .hooks import ActivationProbe, DeadReLUCounter, LRAutoReducer, PlateauDetector, SkippedSteps
 from .registry import available, create, default_hooks, register
 from .sinks import CallableSink, JSONLSink, LoggingSink, MemorySink, Sink, TensorBoardSink, read_jsonl
 from .stats import CheckContext, GradNorms, Observation, StepContext, UpdateNorms
@@ -35,9 +35,11 @@ __all__ = [
     "Guard",
     "Hook",
     "JSONLSink",
+    "LRAutoReducer",
     "LoggingSink",
     "MemorySink",
     "Observation",
+    "PlateauDetector",
     "Series",
     "Severity",
     "Sink",

@@ -59,10 +59,13 @@ class Series:
 
     Attributes:
         name: The stream's name.
+        total: How many values were ever appended, including those the bounded history dropped;
+            a reader that remembers it can tell which values are new since its last look.
     """
 
     def __init__(self, name: str, maxlen: int) -> None:
         self.name = name
+        self.total = 0
         self._steps: collections.deque[int] = collections.deque(maxlen=maxlen)
         self._values: collections.deque[float] = collections.deque(maxlen=maxlen)
 
@@ -87,6 +90,12 @@ class Series:
     def _append(self, step: int, value: float) -> None:
         self._steps.append(step)
         self._values.append(value)
+        self.total += 1
+
+    def since(self, total: int) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and values appended after the first ``total`` (as far as the history still holds them)."""
+        n = min(max(self.total - total, 0), len(self._values))
+        return self.steps[len(self._steps) - n :], self.values[len(self._values) - n :]
 
     def __repr__(self) -> str:
         return f"Series({self.name!r}, n={len(self)})"
@@ -852,7 +861,10 @@ class Guard:
             "observe_count": self._observe_count,
             "last_check_step": self._last_check_step,
             "stop_reasons": list(self._stop_reasons),
-            "series": {k: {"steps": list(s._steps), "values": list(s._values)} for k, s in self._series.items()},
+            "series": {
+                k: {"steps": list(s._steps), "values": list(s._values), "total": s.total}
+                for k, s in self._series.items()
+            },
             "pending": pending,
             "events": [e.to_dict() for e in self._events],
             "hooks": {h.name: h.state_dict() for h in self.hooks},
@@ -888,6 +900,7 @@ class Guard:
             series = self._series[key] = Series(key, self.history)
             for st, v in zip(s["steps"], s["values"]):
                 series._append(int(st), float(v))
+            series.total = int(s.get("total", series.total))
         self._pending = {key: [(int(s), float(v)) for s, v in entries] for key, entries in state["pending"].items()}
         self._events = collections.deque((Event.from_dict(e) for e in state["events"]), maxlen=self.max_events)
         for h in self.hooks:
