@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ._validate import check_int, check_type
 from .distributed import DistributedContext, reduce_rows
 from .events import Event, Severity
-from .hook import Hook
+from .hook import Hook, TrainingInterrupted
 from .registry import create, default_hooks
 from .sinks import LoggingSink, Sink, create_sink
 from .stats import CheckContext, Observation, StepContext
@@ -403,7 +403,9 @@ class Guard:
         for h in self.hooks:
             if h.registry_name is None or h.registry_name == "skipped_steps":
                 continue
-            hooks.append({"name": h.registry_name, **h.get_config()})
+            params = h.get_config()
+            params.pop("name", None)  # "name" is the registry key here; an instance name cannot round-trip
+            hooks.append({"name": h.registry_name, **params})
         return {"check_every": self.check_every, "repair": self.repair, "strict": self.strict, "hooks": hooks}
 
     # ----------------------------------------------------------------- public properties
@@ -775,7 +777,7 @@ class Guard:
         try:
             getattr(hook, method)(*args)
         except Exception as exc:
-            if self.strict:
+            if self.strict or isinstance(exc, TrainingInterrupted):
                 raise
             self._hook_failed(hook, method, exc)
 

@@ -59,13 +59,15 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> tuple[Ten
         foreach = device.type in ("cpu", "cuda", "xpu") and all(_plain(t) for t in group)
         if foreach:
             if dtype in _LOW_PRECISION:
-                norms.extend(torch._foreach_norm(group, norm_type, dtype=torch.float32))
+                found = torch._foreach_norm(group, norm_type, dtype=torch.float32)
             else:
-                norms.extend(torch._foreach_norm(group, norm_type))
+                found = torch._foreach_norm(group, norm_type)
         else:
-            norms.extend(torch.linalg.vector_norm(t, norm_type, dtype=torch.float32) for t in group)
+            found = [torch.linalg.vector_norm(t, norm_type, dtype=torch.float32) for t in group]
+        # Only other devices' norms move: a .to() per tensor is a dispatch each, even when a no-op.
+        norms.extend(found if device == first_device else [n.to(first_device) for n in found])
         order.extend(indices)
-    stacked = torch.stack([n.to(first_device) for n in norms])
+    stacked = torch.stack(norms)
     total = torch.linalg.vector_norm(stacked, norm_type)
     per = stacked.float()
     if order != sorted(order):
@@ -217,6 +219,14 @@ class StepContext:
         result = GradNorms(names=names, per_tensor=per, total=total, finite=finite, norm_type=norm_type)
         self._grad_norms[norm_type] = result
         return result
+
+    def refresh_grad_norms(self) -> None:
+        """Forget this step's gradient norms after a hook changed the gradients in place.
+
+        The next :meth:`grad_norms` call reads the gradients again (a second pass): only for hooks
+        whose change cannot be derived from the norms already computed.
+        """
+        self._grad_norms.clear()
 
     def param_norms(self) -> Tensor:
         """Per-parameter weight norms (L2, float32), aligned with :attr:`grad_names`."""
