@@ -12,8 +12,8 @@ from .causes import CAUSES
 from .diagnosis import Diagnosis, diagnose
 from .events import SCHEMA_VERSION, Event, EventBus, Severity
 from .guard import Guard, Series
-from .hook import REDUCTIONS, Hook
-from .hooks import SkippedSteps
+from .hook import REDUCTIONS, Hook, TrainingInterrupted
+from .hooks import GradientClipper, GradNormMonitor, NonFiniteGradientError, SkippedSteps
 from .registry import available, create, default_hooks, register
 from .sinks import CallableSink, JSONLSink, LoggingSink, MemorySink, Sink, TensorBoardSink, read_jsonl
 from .stats import CheckContext, GradNorms, Observation, StepContext, UpdateNorms
@@ -29,12 +29,15 @@ __all__ = [
     "Diagnosis",
     "Event",
     "EventBus",
+    "GradNormMonitor",
     "GradNorms",
+    "GradientClipper",
     "Guard",
     "Hook",
     "JSONLSink",
     "LoggingSink",
     "MemorySink",
+    "NonFiniteGradientError",
     "Observation",
     "Series",
     "Severity",
@@ -42,6 +45,7 @@ __all__ = [
     "SkippedSteps",
     "StepContext",
     "TensorBoardSink",
+    "TrainingInterrupted",
     "UpdateNorms",
     "__version__",
     "available",

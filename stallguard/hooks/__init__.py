@@ -9,6 +9,8 @@ import pkgutil
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
+from .clipper import GradientClipper, NonFiniteGradientError  # noqa: E402
+from .grad_norm import GradNormMonitor  # noqa: E402
 from .skipped_steps import SkippedSteps  # noqa: E402
 
-__all__ = ["SkippedSteps"]
+__all__ = ["GradNormMonitor", "GradientClipper", "NonFiniteGradientError", "SkippedSteps"]
