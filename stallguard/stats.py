@@ -167,6 +167,17 @@ class StepContext:
         self._update: UpdateNorms | None = None
 
     @property
+    def optimizer_step(self) -> int:
+        """This optimizer's own step number (1 for its first step).
+
+        Equal to :attr:`step` for the first optimizer. Another optimizer stepping in the same
+        iteration steps after the Guard's count moved on, so its :attr:`step` is one ahead.
+        """
+        if self.optimizer is None:
+            return self.step
+        return self.guard.optimizer_steps[self.optimizer_index] + 1
+
+    @property
     def is_clock(self) -> bool:
         """Whether this optimizer's steps are the ones the Guard counts (the first optimizer)."""
         return self.optimizer_index == self.guard.clock

@@ -280,16 +280,21 @@ def test_keeps_rules_per_optimizer() -> None:
     opts = [torch.optim.SGD(deep.parameters(), lr=0.1), torch.optim.SGD(shallow.parameters(), lr=0.1)]
     x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
     guard = sg.Guard(model, opts, hooks=[sg.GradNormMonitor()], sinks=[], check_every=10, strict=True)
-    for _ in range(10):
+    for step in range(1, 11):
         loss = nn.functional.cross_entropy(deep(x), y) + nn.functional.cross_entropy(shallow(x), y)
         for opt in opts:
             opt.zero_grad()
         loss.backward()
+        if step == 7:
+            shallow[2].bias.grad[0] = math.nan
         for opt in opts:
             opt.step()
     events = [e for e in guard.events if e.kind == "vanishing_gradients"]
     assert [(e.data["optimizer"], e.data["first_kernel"]) for e in events] == [(0, "deep.0.weight")]
     assert all(name.startswith("deep.") for name in events[0].data["layers"])
+    (nonfinite,) = [e for e in guard.events if e.kind == "nonfinite_gradients"]
+    assert nonfinite.data["optimizer"] == 1 and nonfinite.data["parameters"] == ("shallow.2.bias",)
+    assert nonfinite.data["first_step"] == 7
     guard.close()
 
 

@@ -205,10 +205,10 @@ class GradientClipper(Hook):
         if self.nonfinite == "raise" or (self.nonfinite == "skip" and self.sync and not fused):
             if bool(bad):  # the one host read per step these policies pay for
                 if self.nonfinite == "raise":
-                    raise NonFiniteGradientError(_nonfinite_message(ctx.step, norms))
+                    raise NonFiniteGradientError(_nonfinite_message(ctx.optimizer_step, norms))
                 for p in ctx.grad_params:
                     p.grad = None
-                self._record(i, ctx.step, bad)
+                self._record(i, ctx.optimizer_step, bad)
                 return
         elif self.nonfinite == "skip":
             if fused:
@@ -238,7 +238,7 @@ class GradientClipper(Hook):
                 coef = torch.where(norms.finite, coef, 1.0)
             _mul_grouped(grads, coef)
             post, clipped = total * coef, total > threshold
-        self._record(i, ctx.step, bad, ok, total, post, clipped)
+        self._record(i, ctx.optimizer_step, bad, ok, total, post, clipped)
 
     def _record(
         self,

@@ -258,7 +258,7 @@ class GradNormMonitor(Hook):
         self.counters[i].add_(torch.stack(row))
 
         self.param_nonfinite.index_add_(0, layout.index, bad_param.float())
-        offset = float(ctx.step - self.interval_start)
+        offset = float(ctx.optimizer_step - self.interval_start)
         when = torch.where(bad_param, offset, math.inf)
         self.param_first_nonfinite.scatter_reduce_(0, layout.index, when, "amin")
         if self.per_layer:
@@ -306,7 +306,8 @@ class GradNormMonitor(Hook):
         counts = np.asarray(v["param_nonfinite"])
         first = np.asarray(v["param_first_nonfinite"])
         names = [*self._slot_names, "(added after attach)"]
-        mine = [j for j in range(len(names)) if counts[j] > 0]
+        owners = [*self._slot_owners, {i}]
+        mine = [j for j in range(len(names)) if counts[j] > 0 and i in owners[j]]
         earliest = min((first[j] for j in mine), default=math.inf)
         first_names = [names[j] for j in mine if first[j] == earliest]
         first_step = int(self.interval_start + earliest) if math.isfinite(earliest) else None
