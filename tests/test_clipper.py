@@ -15,37 +15,12 @@ from torch import nn
 
 import stallguard as sg
 from stallguard.hooks.clipper import _nan_quantile
-
-
-def small_cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 4),
-    )
+from tests.grad_models import RNNRegressor, rnn_data, small_cnn
 
 
 def batches(steps: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(steps)]
-
-
-class RNNRegressor(nn.Module):
-    def __init__(self, recurrent_scale: float = 1.0, hidden: int = 32) -> None:
-        super().__init__()
-        self.rnn = nn.RNN(4, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, 1)
-        with torch.no_grad():
-            self.rnn.weight_hh_l0.mul_(recurrent_scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rnn(x)
-        return self.head(out[:, -1])
 
 
 def snapshot(model: nn.Module) -> list[torch.Tensor]:
@@ -340,9 +315,7 @@ def test_gradscaler_with_fused_optimizer_keeps_its_own_skips() -> None:
 
 # ----------------------------------------------------------------------------- repair
 def run_exploding_rnn(repair: bool, steps: int = 150) -> list[float]:
-    torch.manual_seed(0)
-    x = torch.randn(64, 30, 4)
-    y = x[:, :, 0].sum(1, keepdim=True) * 0.1
+    x, y = rnn_data()
     torch.manual_seed(1)
     model = RNNRegressor(recurrent_scale=3.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -10,51 +10,9 @@ import torch
 from torch import nn
 
 import stallguard as sg
+from tests.grad_models import RNNRegressor, quadrant_images, rnn_data, sigmoid_mlp, small_cnn
 
 WARNINGS = ("vanishing_gradients", "exploding_gradients", "nonfinite_gradients")
-
-
-def sigmoid_mlp(depth: int = 20, width: int = 32) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Linear(16, width), nn.Sigmoid()]
-    for _ in range(depth - 2):
-        layers += [nn.Linear(width, width), nn.Sigmoid()]
-    return nn.Sequential(*layers, nn.Linear(width, 4))
-
-
-class RNNRegressor(nn.Module):
-    def __init__(self, recurrent_scale: float = 1.0, hidden: int = 32) -> None:
-        super().__init__()
-        self.rnn = nn.RNN(4, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, 1)
-        with torch.no_grad():
-            self.rnn.weight_hh_l0.mul_(recurrent_scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rnn(x)
-        return self.head(out[:, -1])
-
-
-def small_cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 4),
-    )
-
-
-def quadrant_images(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise images whose class is the quadrant that is brighter: learnable by a small CNN."""
-    x = torch.randn(n, 1, 12, 12, generator=g)
-    y = torch.randint(0, 4, (n,), generator=g)
-    for c in range(4):
-        r, col = divmod(c, 2)
-        x[y == c, :, r * 6 : (r + 1) * 6, col * 6 : (col + 1) * 6] += 1.0
-    return x, y
 
 
 def train_mlp(guard_hooks: list[sg.Hook], steps: int = 30, check_every: int = 10) -> sg.Guard:
@@ -75,9 +33,7 @@ def train_mlp(guard_hooks: list[sg.Hook], steps: int = 30, check_every: int = 10
 def train_rnn(
     hooks: list[sg.Hook], scale: float, lr: float, steps: int, check_every: int = 10
 ) -> tuple[sg.Guard, list[float]]:
-    torch.manual_seed(0)
-    x = torch.randn(64, 30, 4)
-    y = x[:, :, 0].sum(1, keepdim=True) * 0.1
+    x, y = rnn_data()
     torch.manual_seed(1)
     model = RNNRegressor(scale)
     opt = torch.optim.SGD(model.parameters(), lr=lr)

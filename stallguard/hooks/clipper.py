@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
-from .._validate import check_choice, check_float, check_int, check_type
+from .._validate import check_choice, check_float, check_int, check_norm_type, check_type
 from ..hook import Hook, TrainingInterrupted
 from ..registry import register
 from ..stats import CheckContext, GradNorms, StepContext
@@ -30,15 +30,6 @@ _STEPS, _CLIPPED, _PRE_SUM, _POST_SUM, _NONFINITE = range(len(_COUNTERS))
 
 class NonFiniteGradientError(TrainingInterrupted, RuntimeError):
     """Raised by ``GradientClipper(nonfinite="raise")`` when a step's gradients hold NaN or Inf."""
-
-
-def _parse_norm_type(owner: str, value: Any) -> float:
-    if value == "inf":
-        return math.inf
-    v = check_float(owner, "norm_type", value, allow_inf=True)
-    if v <= 0:
-        raise ValueError(f"{owner}: norm_type must be > 0 (or math.inf), got {value!r}")
-    return v
 
 
 @register("clipper", default="repair", mode="adaptive", nonfinite="skip")
@@ -130,7 +121,7 @@ class GradientClipper(Hook):
         owner = type(self).__name__
         self.mode = check_choice(owner, "mode", mode, MODES)
         self.nonfinite = check_choice(owner, "nonfinite", nonfinite, NONFINITE)
-        self.norm_type = _parse_norm_type(owner, norm_type)
+        self.norm_type = check_norm_type(owner, "norm_type", norm_type)
         self.sync = check_type(owner, "sync", sync, bool, "a bool")
         if self.sync and self.nonfinite != "skip":
             raise ValueError(f"{owner}: sync=True applies to nonfinite='skip' only, got nonfinite={nonfinite!r}")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._validate import check_float, check_int, check_type
+from .._validate import check_float, check_int, check_norm_type, check_type
 from ..hook import Hook
 from ..registry import register
 from ..stats import CheckContext, StepContext
@@ -32,15 +32,6 @@ class _Layout:
     index: Tensor  # slot of each entry of GradNorms.per_tensor
     first: int | None  # position of the first kernel in per_tensor
     last: int | None  # position of the last kernel
-
-
-def _parse_norm_type(owner: str, value: Any) -> float:
-    if value == "inf":
-        return math.inf
-    v = check_float(owner, "norm_type", value, allow_inf=True)
-    if v <= 0:
-        raise ValueError(f"{owner}: norm_type must be > 0 (or math.inf), got {value!r}")
-    return v
 
 
 @register("grad_norm", default="monitor")
@@ -117,7 +108,7 @@ class GradNormMonitor(Hook):
     ) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
-        self.norm_type = _parse_norm_type(owner, norm_type)
+        self.norm_type = check_norm_type(owner, "norm_type", norm_type)
         self.per_layer = check_type(owner, "per_layer", per_layer, bool, "a bool")
         self.vanishing_ratio = check_float(owner, "vanishing_ratio", vanishing_ratio, min=0.0, min_open=True)
         self.vanishing_norm = check_float(owner, "vanishing_norm", vanishing_norm, min=0.0, min_open=True)
@@ -153,9 +144,8 @@ class GradNormMonitor(Hook):
             kernels = [n for n in slots if dims[n] >= 2 and i in owners[n]]
             self._kernels.append((kernels[0], kernels[-1]) if len(kernels) >= 2 else (None, None))
         ring = max(guard.check_every, 1)
-        nan = float("nan")
         # Every rank sees the same global norms, so "max" is the identity across ranks.
-        self.add_state("recent", torch.full((n_opt, ring), nan), reduce="max", reset=True)
+        self.add_state("recent", torch.full((n_opt, ring), math.nan), reduce="max", reset=True)
         self.add_state("counters", torch.zeros(n_opt, len(_COUNTERS)), reduce="max", reset=True)
         self.add_state("param_nonfinite", torch.zeros(n_slots), reduce="max", reset=True)
         # Steps since the interval began (small numbers stay exact in float32); inf = never.
@@ -180,13 +170,12 @@ class GradNormMonitor(Hook):
         dims: dict[str, int] = {}
         owners: dict[str, set[int]] = {}
 
-        def add(name: str, p: Tensor, owner: int | None) -> None:
+        def add(name: str, p: Tensor, owner: int) -> None:
             if name not in dims:
                 names.append(name)
                 dims[name] = p.dim()
                 owners[name] = set()
-            if owner is not None:
-                owners[name].add(owner)
+            owners[name].add(owner)
 
         if guard.optimizers:
             by_id: dict[int, tuple[str, Tensor, set[int]]] = {}
