@@ -12,8 +12,17 @@ from .causes import CAUSES
 from .diagnosis import Diagnosis, diagnose
 from .events import SCHEMA_VERSION, Event, EventBus, Severity
 from .guard import Guard, Series
-from .hook import REDUCTIONS, Hook
-from .hooks import ActivationProbe, DeadReLUCounter, LRAutoReducer, PlateauDetector, SkippedSteps
+from .hook import REDUCTIONS, Hook, TrainingInterrupted
+from .hooks import (
+    ActivationProbe,
+    DeadReLUCounter,
+    GradientClipper,
+    GradNormMonitor,
+    LRAutoReducer,
+    NonFiniteGradientError,
+    PlateauDetector,
+    SkippedSteps,
+)
 from .registry import available, create, default_hooks, register
 from .sinks import CallableSink, JSONLSink, LoggingSink, MemorySink, Sink, TensorBoardSink, read_jsonl
 from .stats import CheckContext, GradNorms, Observation, StepContext, UpdateNorms
@@ -31,13 +40,16 @@ __all__ = [
     "Diagnosis",
     "Event",
     "EventBus",
+    "GradNormMonitor",
     "GradNorms",
+    "GradientClipper",
     "Guard",
     "Hook",
     "JSONLSink",
     "LRAutoReducer",
     "LoggingSink",
     "MemorySink",
+    "NonFiniteGradientError",
     "Observation",
     "PlateauDetector",
     "Series",
@@ -46,6 +58,7 @@ __all__ = [
     "SkippedSteps",
     "StepContext",
     "TensorBoardSink",
+    "TrainingInterrupted",
     "UpdateNorms",
     "__version__",
     "available",

@@ -12,6 +12,7 @@ __all__ = [
     "check_choice",
     "check_float",
     "check_int",
+    "check_norm_type",
     "check_type",
 ]
 
@@ -77,3 +78,13 @@ def check_type(owner: str, name: str, value: Any, types: type | tuple[type, ...]
     if not isinstance(value, types):
         raise TypeError(f"{owner}: {name} must be {what}, got {type(value).__name__} {value!r}")
     return value
+
+
+def check_norm_type(owner: str, name: str, value: Any) -> float:
+    """Return the p of a p-norm as a float: a number > 0, or ``math.inf`` (also given as ``"inf"``)."""
+    if value == "inf":
+        return math.inf
+    v = check_float(owner, name, value, allow_inf=True)
+    if v <= 0:
+        raise ValueError(f"{owner}: {name} must be > 0 (or math.inf), got {value!r}")
+    return v

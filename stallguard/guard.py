@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ._validate import check_int, check_type
 from .distributed import DistributedContext, reduce_rows
 from .events import Event, Severity
-from .hook import Hook
+from .hook import Hook, TrainingInterrupted
 from .registry import create, default_hooks
 from .sinks import LoggingSink, Sink, create_sink
 from .stats import CheckContext, Observation, StepContext
@@ -797,7 +797,7 @@ class Guard:
         try:
             getattr(hook, method)(*args)
         except Exception as exc:
-            if self.strict:
+            if self.strict or isinstance(exc, TrainingInterrupted):
                 raise
             self._hook_failed(hook, method, exc)
 

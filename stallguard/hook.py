@@ -23,11 +23,19 @@ if TYPE_CHECKING:
     from .guard import Guard
     from .stats import CheckContext, Observation, StepContext
 
-__all__ = ["REDUCTIONS", "Hook"]
+__all__ = ["REDUCTIONS", "Hook", "TrainingInterrupted"]
 
 #: How a tensor state is combined across ranks at a check point.
 #: ``"gather"`` keeps one row per rank (so a rank-local anomaly can be reported with its rank).
 REDUCTIONS = ("sum", "mean", "max", "min", "any", "all", "gather")
+
+
+class TrainingInterrupted(Exception):
+    """Raised on purpose by a hook to stop the training loop (for example on NaN gradients).
+
+    The Guard isolates every other exception a hook raises (it reports it and disables the hook);
+    this one, and its subclasses, always reach the training loop, whatever ``strict`` says.
+    """
 
 
 @dataclass

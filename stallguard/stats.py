@@ -59,13 +59,15 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> tuple[Ten
         foreach = device.type in ("cpu", "cuda", "xpu") and all(_plain(t) for t in group)
         if foreach:
             if dtype in _LOW_PRECISION:
-                norms.extend(torch._foreach_norm(group, norm_type, dtype=torch.float32))
+                found = torch._foreach_norm(group, norm_type, dtype=torch.float32)
             else:
-                norms.extend(torch._foreach_norm(group, norm_type))
+                found = torch._foreach_norm(group, norm_type)
         else:
-            norms.extend(torch.linalg.vector_norm(t, norm_type, dtype=torch.float32) for t in group)
+            found = [torch.linalg.vector_norm(t, norm_type, dtype=torch.float32) for t in group]
+        # Only other devices' norms move: a .to() per tensor is a dispatch each, even when a no-op.
+        norms.extend(found if device == first_device else [n.to(first_device) for n in found])
         order.extend(indices)
-    stacked = torch.stack([n.to(first_device) for n in norms])
+    stacked = torch.stack(norms)
     total = torch.linalg.vector_norm(stacked, norm_type)
     per = stacked.float()
     if order != sorted(order):
@@ -165,6 +167,17 @@ class StepContext:
         self._update: UpdateNorms | None = None
 
     @property
+    def optimizer_step(self) -> int:
+        """This optimizer's own step number (1 for its first step).
+
+        Equal to :attr:`step` for the first optimizer. Another optimizer stepping in the same
+        iteration steps after the Guard's count moved on, so its :attr:`step` is one ahead.
+        """
+        if self.optimizer is None:
+            return self.step
+        return self.guard.optimizer_steps[self.optimizer_index] + 1
+
+    @property
     def is_clock(self) -> bool:
         """Whether this optimizer's steps are the ones the Guard counts (the first optimizer)."""
         return self.optimizer_index == self.guard.clock
@@ -217,6 +230,14 @@ class StepContext:
         result = GradNorms(names=names, per_tensor=per, total=total, finite=finite, norm_type=norm_type)
         self._grad_norms[norm_type] = result
         return result
+
+    def refresh_grad_norms(self) -> None:
+        """Forget this step's gradient norms after a hook changed the gradients in place.
+
+        The next :meth:`grad_norms` call reads the gradients again (a second pass): only for hooks
+        whose change cannot be derived from the norms already computed.
+        """
+        self._grad_norms.clear()
 
     def param_norms(self) -> Tensor:
         """Per-parameter weight norms (L2, float32), aligned with :attr:`grad_names`."""

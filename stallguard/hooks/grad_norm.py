@@ -1,0 +1,441 @@
+"""GradNormMonitor: global and per-layer gradient norms; vanishing, exploding and non-finite gradients."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._validate import check_float, check_int, check_norm_type, check_type
+from ..hook import Hook
+from ..registry import register
+from ..stats import CheckContext, StepContext
+
+__all__ = ["GradNormMonitor"]
+
+# How many parameter names an event lists at most (the counts cover all of them).
+_MAX_NAMED = 10
+
+# Columns of the per-optimizer counter row, updated with one add per step.
+_COUNTERS = ("nonfinite_steps", "kernel_steps", "vanish_steps", "first_kernel_sum", "last_kernel_sum", "floor_steps")
+_NONFINITE, _KERNEL, _VANISH, _FIRST, _LAST, _FLOOR = range(len(_COUNTERS))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where this step's per-tensor norms go: a slot per parameter, and the kernels to compare."""
+
+    index: Tensor  # slot of each entry of GradNorms.per_tensor
+    first: int | None  # position of the first kernel in per_tensor
+    last: int | None  # position of the last kernel
+
+
+@register("grad_norm", default="monitor")
+class GradNormMonitor(Hook):
+    """Watch global and per-layer gradient norms for vanishing, exploding and non-finite gradients.
+
+    Every optimizer step it reads the step's shared gradient norms (``ctx.grad_norms``, one foreach
+    pass for all hooks; the global norm equals ``torch.nn.utils.get_total_norm``) and updates a few
+    device counters; nothing is read to the host until a check point. Steps that a GradScaler skips
+    are never counted: without a fused optimizer they never reach the step hooks, and with one the
+    scaler's ``found_inf`` marks them.
+
+    At each check point, per optimizer:
+
+    * ``vanishing_gradients``: on at least ``persistence`` of the interval's steps, the gradient norm
+      of the first kernel (the first parameter with two or more dimensions, in ``named_parameters()``
+      order) was below ``vanishing_ratio`` times that of the last kernel *and* below
+      ``vanishing_norm`` (AutoTrainer's rule); or, with ``min_norm`` set, the global norm was below
+      ``min_norm`` on that share of steps.
+    * ``exploding_gradients``: the median global norm of the interval exceeds ``growth_factor`` times
+      the median of the previous ``window`` steps (a sustained jump, not a single noisy batch); or,
+      with ``max_norm`` set, some step's global norm exceeded it.
+    * ``nonfinite_gradients``: some step had NaN or Inf gradients; names the parameters that were
+      non-finite first.
+
+    Args:
+        norm_type: The p of the p-norm (``math.inf`` for the max norm).
+        per_layer: Keep per-parameter mean and max norms and put them in the events' data. The
+            vanishing rule and the naming of non-finite parameters work either way.
+        vanishing_ratio: First-to-last kernel norm ratio below which a step counts as vanishing.
+        vanishing_norm: First-kernel norm below which a step counts as vanishing (both must hold).
+        min_norm: Optional absolute floor for the global norm; None turns this rule off.
+        persistence: Share of an interval's steps on which a vanishing rule must hold.
+        growth_factor: How many times the baseline median the interval's median must exceed.
+        window: How many past steps form the baseline.
+        min_history: Steps of baseline needed before the exploding rule can fire.
+        max_norm: Optional absolute ceiling for the global norm; None turns this rule off.
+        **kwargs: ``every``, ``start_step``, ``name`` (see :class:`~stallguard.Hook`).
+
+    Example:
+        A 20-layer sigmoid network: the first layers get almost no gradient.
+
+        >>> import torch, stallguard as sg
+        >>> _ = torch.manual_seed(0)
+        >>> layers = [torch.nn.Linear(16, 32), torch.nn.Sigmoid()]
+        >>> for _ in range(18):
+        ...     layers += [torch.nn.Linear(32, 32), torch.nn.Sigmoid()]
+        >>> model = torch.nn.Sequential(*layers, torch.nn.Linear(32, 4))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+        >>> guard = sg.Guard(model, opt, hooks=[sg.GradNormMonitor()], sinks=[], check_every=10)
+        >>> for _ in range(10):
+        ...     loss = torch.nn.functional.cross_entropy(model(x), y)
+        ...     opt.zero_grad(); loss.backward(); opt.step()
+        >>> [e.kind for e in guard.events]
+        ['vanishing_gradients']
+        >>> guard.close()
+    """
+
+    def __init__(
+        self,
+        norm_type: float = 2.0,
+        per_layer: bool = True,
+        *,
+        vanishing_ratio: float = 1e-3,
+        vanishing_norm: float = 1e-4,
+        min_norm: float | None = None,
+        persistence: float = 0.5,
+        growth_factor: float = 100.0,
+        window: int = 500,
+        min_history: int = 20,
+        max_norm: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        owner = type(self).__name__
+        self.norm_type = check_norm_type(owner, "norm_type", norm_type)
+        self.per_layer = check_type(owner, "per_layer", per_layer, bool, "a bool")
+        self.vanishing_ratio = check_float(owner, "vanishing_ratio", vanishing_ratio, min=0.0, min_open=True)
+        self.vanishing_norm = check_float(owner, "vanishing_norm", vanishing_norm, min=0.0, min_open=True)
+        self.min_norm = None if min_norm is None else check_float(owner, "min_norm", min_norm, min=0.0, min_open=True)
+        self.persistence = check_float(owner, "persistence", persistence, min=0.0, max=1.0, min_open=True)
+        self.growth_factor = check_float(owner, "growth_factor", growth_factor, min=1.0, min_open=True)
+        self.window = check_int(owner, "window", window, min=1)
+        self.min_history = check_int(owner, "min_history", min_history, min=1)
+        if self.min_history > self.window:
+            raise ValueError(f"{owner}: min_history must be <= window ({self.window}), got {min_history!r}")
+        self.max_norm = None if max_norm is None else check_float(owner, "max_norm", max_norm, min=0.0, min_open=True)
+        # Host state: the baseline of recent finite global norms and where each ring write goes.
+        self.add_state("baseline", [])
+        self.add_state("ring_pos", [])
+        self.add_state("interval_start", 0)
+        self.add_state("total_nonfinite", [])
+        self._pending_state: dict[str, Any] | None = None
+        self._slot_names: list[str] = []
+        self._kernels: list[tuple[str | None, str | None]] = []
+        self._layouts: dict[tuple[int, tuple[str, ...]], _Layout] = {}
+
+    # ----------------------------------------------------------------- attach: slots and states
+    def on_attach(self, guard: Any) -> None:
+        n_opt = max(len(guard.optimizers), 1)
+        slots, dims, owners = self._parameters(guard)
+        self._slot_names = slots
+        self._slot_of = {n: j for j, n in enumerate(slots)}
+        self._slot_owners = [owners[n] for n in slots]
+        # Parameters that join an optimizer after attach share one extra slot.
+        n_slots = len(slots) + 1
+        self._kernels = []
+        for i in range(n_opt):
+            kernels = [n for n in slots if dims[n] >= 2 and i in owners[n]]
+            self._kernels.append((kernels[0], kernels[-1]) if len(kernels) >= 2 else (None, None))
+        ring = max(guard.check_every, 1)
+        # Every rank sees the same global norms, so "max" is the identity across ranks.
+        self.add_state("recent", torch.full((n_opt, ring), math.nan), reduce="max", reset=True)
+        self.add_state("counters", torch.zeros(n_opt, len(_COUNTERS)), reduce="max", reset=True)
+        self.add_state("param_nonfinite", torch.zeros(n_slots), reduce="max", reset=True)
+        # Steps since the interval began (small numbers stay exact in float32); inf = never.
+        self.add_state("param_first_nonfinite", torch.full((n_slots,), math.inf), reduce="min", reset=True)
+        if self.per_layer:
+            self.add_state("layer_sum", torch.zeros(n_slots), reduce="max", reset=True)
+            self.add_state("layer_max", torch.zeros(n_slots), reduce="max", reset=True)
+            self.add_state("layer_count", torch.zeros(n_slots), reduce="max", reset=True)
+        if not self.baseline:
+            self.baseline = [[] for _ in range(n_opt)]
+            self.ring_pos = [0] * n_opt
+            self.total_nonfinite = [0] * n_opt
+            self.interval_start = guard.step
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            super().load_state_dict(state)
+
+    @staticmethod
+    def _parameters(guard: Any) -> tuple[list[str], dict[str, int], dict[str, set[int]]]:
+        """Parameter names in model order (then optimizer-only ones), their dims, and their optimizers."""
+        names: list[str] = []
+        dims: dict[str, int] = {}
+        owners: dict[str, set[int]] = {}
+
+        def add(name: str, p: Tensor, owner: int) -> None:
+            if name not in dims:
+                names.append(name)
+                dims[name] = p.dim()
+                owners[name] = set()
+            owners[name].add(owner)
+
+        if guard.optimizers:
+            by_id: dict[int, tuple[str, Tensor, set[int]]] = {}
+            for i in range(len(guard.optimizers)):
+                params, pnames = guard.optimizer_parameters(i)
+                for p, n in zip(params, pnames):
+                    by_id.setdefault(id(p), (n, p, set()))[2].add(i)
+            if guard.module is not None:
+                for _, p in guard.module.named_parameters():
+                    if id(p) in by_id:
+                        n, q, opts = by_id.pop(id(p))
+                        for i in opts:
+                            add(n, q, i)
+            for n, q, opts in by_id.values():
+                for i in opts:
+                    add(n, q, i)
+        elif guard.module is not None:
+            for n, p in guard.module.named_parameters():
+                add(n, p, 0)
+        return names, dims, owners
+
+    def _layout(self, index: int, names: list[str], device: torch.device) -> _Layout:
+        key = (index, tuple(names))
+        layout = self._layouts.get(key)
+        if layout is None:
+            other = len(self._slot_names)
+            slots = [self._slot_of.get(n, other) for n in names]
+            pos = {n: k for k, n in enumerate(names)}
+            first_name, last_name = self._kernels[index] if index < len(self._kernels) else (None, None)
+            first, last = pos.get(first_name or ""), pos.get(last_name or "")
+            if first is None or last is None:
+                first = last = None
+            # Built once per parameter set: a host-to-device copy, never on every step.
+            layout = _Layout(torch.tensor(slots, dtype=torch.long, device=device), first, last)
+            self._layouts[key] = layout
+        return layout
+
+    # ----------------------------------------------------------------- per step: device ops only
+    @torch.no_grad()
+    def on_before_step(self, ctx: StepContext) -> None:
+        norms = ctx.grad_norms(self.norm_type)
+        if norms is None:
+            return
+        i = ctx.optimizer_index
+        per, total = norms.per_tensor, norms.total
+        layout = self._layout(i, norms.names, per.device)
+        valid, bad = norms.finite, ~norms.finite
+        bad_param = ~torch.isfinite(per)
+        skipped = _scaler_skipped(ctx, per.device)
+        if skipped is not None:
+            valid = valid & ~skipped
+            bad = bad & ~skipped
+            bad_param = bad_param & ~skipped
+
+        ring = self.recent.shape[1]
+        self.recent[i, self.ring_pos[i] % ring] = torch.where(valid, total.float(), math.nan)
+        self.ring_pos[i] += 1
+        zero = torch.zeros((), device=per.device)
+        row: list[Tensor] = [bad, zero, zero, zero, zero, zero]
+        if layout.first is not None and layout.last is not None:
+            first, last = per[layout.first], per[layout.last]
+            row[_KERNEL] = valid
+            row[_VANISH] = valid & (first < self.vanishing_ratio * last) & (first < self.vanishing_norm)
+            row[_FIRST] = torch.where(valid, first, 0.0)
+            row[_LAST] = torch.where(valid, last, 0.0)
+        if self.min_norm is not None:
+            row[_FLOOR] = valid & (total < self.min_norm)
+        # One stack and one add instead of an indexed update per counter (each costs three ops).
+        self.counters[i].add_(torch.stack(row))
+
+        self.param_nonfinite.index_add_(0, layout.index, bad_param.float())
+        offset = float(ctx.optimizer_step - self.interval_start)
+        when = torch.where(bad_param, offset, math.inf)
+        self.param_first_nonfinite.scatter_reduce_(0, layout.index, when, "amin")
+        if self.per_layer:
+            kept = torch.where(valid, per, 0.0)
+            self.layer_sum.index_add_(0, layout.index, kept)
+            self.layer_max.scatter_reduce_(0, layout.index, kept, "amax")
+            self.layer_count.index_add_(0, layout.index, valid.float().expand_as(per))
+
+    # ----------------------------------------------------------------- check point: host decisions
+    def on_check(self, check: CheckContext) -> None:
+        v = check.values
+        recent = np.asarray(v["recent"], dtype=np.float64)
+        counters = np.asarray(v["counters"], dtype=np.float64).reshape(recent.shape[0], len(_COUNTERS))
+        for i in range(recent.shape[0]):
+            steps = self.ring_pos[i]
+            if steps == 0:
+                continue
+            norms = recent[i][np.isfinite(recent[i])]
+            layers = self._layer_data(v, i) if self.per_layer else None
+            self._check_nonfinite(i, v, counters[i], steps)
+            self._check_vanishing(i, counters[i], norms, layers)
+            self._check_exploding(i, norms, steps, layers)
+            self.baseline[i] = (self.baseline[i] + norms.tolist())[-self.window :]
+        self.ring_pos = [0] * recent.shape[0]
+        self.interval_start = check.step
+
+    def _layer_data(self, v: dict[str, Any], i: int) -> dict[str, dict[str, float]]:
+        """Mean and max norm per parameter of optimizer ``i`` over the interval."""
+        count = np.asarray(v["layer_count"])
+        mean = np.asarray(v["layer_sum"]) / np.maximum(count, 1)
+        top = np.asarray(v["layer_max"])
+        names = [*self._slot_names, "(added after attach)"]
+        owners = [*self._slot_owners, {i}]
+        return {
+            names[j]: {"mean": float(mean[j]), "max": float(top[j])}
+            for j in range(len(names))
+            if count[j] > 0 and i in owners[j]
+        }
+
+    def _check_nonfinite(self, i: int, v: dict[str, Any], counters: np.ndarray, steps: int) -> None:
+        n = int(counters[_NONFINITE])
+        if n <= 0:
+            return
+        self.total_nonfinite[i] += n
+        counts = np.asarray(v["param_nonfinite"])
+        first = np.asarray(v["param_first_nonfinite"])
+        names = [*self._slot_names, "(added after attach)"]
+        owners = [*self._slot_owners, {i}]
+        mine = [j for j in range(len(names)) if counts[j] > 0 and i in owners[j]]
+        earliest = min((first[j] for j in mine), default=math.inf)
+        first_names = [names[j] for j in mine if first[j] == earliest]
+        first_step = int(self.interval_start + earliest) if math.isfinite(earliest) else None
+        where = ", ".join(first_names[:3]) + (" ..." if len(first_names) > 3 else "")
+        self.emit(
+            "nonfinite_gradients",
+            "error",
+            f"{n} of {steps} optimizer steps had NaN/Inf gradients"
+            + (f", first at step {first_step} in {where}" if first_names else " (overflow in the norm)"),
+            causes=("non_finite",),
+            optimizer=i,
+            steps=steps,
+            nonfinite_steps=n,
+            total_nonfinite_steps=self.total_nonfinite[i],
+            first_step=first_step,
+            parameters=first_names[:_MAX_NAMED],
+            counts={names[j]: int(counts[j]) for j in mine[: 2 * _MAX_NAMED]},
+        )
+
+    def _check_vanishing(self, i: int, counters: np.ndarray, norms: np.ndarray, layers: dict[str, Any] | None) -> None:
+        rules: list[str] = []
+        data: dict[str, Any] = {"optimizer": i}
+        kernel_steps = float(counters[_KERNEL])
+        fraction = 0.0
+        if kernel_steps > 0:
+            first_name, last_name = self._kernels[i]
+            first = float(counters[_FIRST]) / kernel_steps
+            last = float(counters[_LAST]) / kernel_steps
+            ratio_fraction = float(counters[_VANISH]) / kernel_steps
+            data.update(
+                first_kernel=first_name,
+                last_kernel=last_name,
+                first_kernel_norm=first,
+                last_kernel_norm=last,
+                ratio=first / last if last > 0 else None,
+                ratio_steps_fraction=ratio_fraction,
+                vanishing_ratio=self.vanishing_ratio,
+                vanishing_norm=self.vanishing_norm,
+            )
+            if ratio_fraction >= self.persistence:
+                rules.append("ratio")
+                fraction = ratio_fraction
+        if self.min_norm is not None and len(norms):
+            floor_fraction = float(counters[_FLOOR]) / len(norms)
+            data.update(min_norm=self.min_norm, floor_steps_fraction=floor_fraction)
+            if floor_fraction >= self.persistence:
+                rules.append("floor")
+                fraction = max(fraction, floor_fraction)
+        if not rules:
+            return
+        data.update(rules=rules, steps=len(norms), persistence=self.persistence)
+        data.update(_global_stats(norms))
+        if layers is not None:
+            data["layers"] = layers
+        if "ratio" in rules:
+            message = (
+                f"vanishing gradients: the first layer's gradient norm ({data['first_kernel']}, "
+                f"{data['first_kernel_norm']:.3g}) is {data['ratio']:.2g}x the last layer's "
+                f"({data['last_kernel']}, {data['last_kernel_norm']:.3g}) on {fraction:.0%} of steps"
+            )
+        else:
+            message = (
+                f"vanishing gradients: the global gradient norm is below {self.min_norm:g} on {fraction:.0%} of steps"
+            )
+        self.emit(
+            "vanishing_gradients", "warning", message, causes=("vanishing_gradients",), confidence=fraction, **data
+        )
+
+    def _check_exploding(self, i: int, norms: np.ndarray, steps: int, layers: dict[str, Any] | None) -> None:
+        rules: list[str] = []
+        data: dict[str, Any] = {"optimizer": i, "steps": steps}
+        if not len(norms):
+            return
+        data.update(_global_stats(norms))
+        median = float(np.median(norms))
+        confidence = 0.0
+        baseline = self.baseline[i]
+        if len(baseline) >= self.min_history:
+            base = float(np.median(baseline))
+            growth = median / base if base > 0 else math.inf
+            above = float(np.mean(norms > self.growth_factor * base))
+            data.update(
+                baseline_median=base,
+                baseline_steps=len(baseline),
+                growth=growth,
+                growth_factor=self.growth_factor,
+                above_fraction=above,
+            )
+            if growth > self.growth_factor:
+                rules.append("growth")
+                confidence = above
+        if self.max_norm is not None:
+            over = int(np.sum(norms > self.max_norm))
+            data.update(max_norm=self.max_norm, steps_over_max_norm=over)
+            if over > 0:
+                rules.append("max_norm")
+                confidence = max(confidence, over / len(norms))
+        if not rules:
+            return
+        data["rules"] = rules
+        if layers is not None:
+            data["layers"] = layers
+        if "growth" in rules:
+            message = (
+                f"exploding gradients: median gradient norm {median:.3g} is {data['growth']:.3g}x "
+                f"the recent baseline {data['baseline_median']:.3g} (max {data['norm_max']:.3g})"
+            )
+        else:
+            message = (
+                f"exploding gradients: gradient norm above max_norm={self.max_norm:g} on "
+                f"{data['steps_over_max_norm']} step(s) (max {data['norm_max']:.3g})"
+            )
+        self.emit(
+            "exploding_gradients", "warning", message, causes=("exploding_gradients",), confidence=confidence, **data
+        )
+
+    # ----------------------------------------------------------------- state
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (before or after the Guard attaches)."""
+        if self.guard is None:
+            # Per-optimizer and per-layer states take their shapes from the model at attach.
+            self._pending_state = dict(state)
+            return
+        super().load_state_dict(state)
+
+
+def _scaler_skipped(ctx: StepContext, device: torch.device) -> Tensor | None:
+    """True on a step that a GradScaler will skip inside a fused optimizer (its ``found_inf`` is set)."""
+    found = getattr(ctx.optimizer, "found_inf", None)
+    if not isinstance(found, Tensor):
+        return None
+    return found.detach().to(device).reshape(()) > 0
+
+
+def _global_stats(norms: np.ndarray) -> dict[str, Any]:
+    if not len(norms):
+        return {"norm_mean": None, "norm_median": None, "norm_max": None}
+    return {
+        "norm_mean": float(norms.mean()),
+        "norm_median": float(np.median(norms)),
+        "norm_max": float(norms.max()),
+    }
