@@ -1,8 +1,27 @@
-"""From events to causes: a ranked list of what is most likely wrong, with evidence and advice."""
+"""From events to causes: a ranked list of what is most likely wrong, with evidence and advice.
+
+Hooks report symptoms (a plateau, tiny updates, dead units, inputs on a 0-255 scale). A symptom is not a
+cause: a plateau can come from a learning rate that is too low, labels without signal, or a model that
+is too small; dead units can be the damage left by a learning rate that is too high. The diagnosis
+combines symptoms into causes with a small set of explicit rules, one per cause, each documented in
+``docs/diagnosis.md``:
+
+* Loop bugs and broken numerics (no ``zero_grad``, parameters outside the optimizer, NaN) are named
+  whenever their evidence is there: they are bugs whatever the loss does.
+* Data and model-construction findings (unnormalized inputs, imbalanced labels, bad initialization,
+  heavy regularization, overfitting) are named when their check reports them.
+* Symptoms that healthy runs can show for a while (vanishing or exploding gradients, dead units,
+  saturation, small updates) count only once the loss has also stalled or diverged: AutoTrainer's lesson.
+* Where one cause explains another's symptom, the root cause ranks first (an early loss spike with huge
+  updates before the dead units: ``lr_too_high`` before ``dying_relu``).
+
+A healthy run gives an empty list.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +44,12 @@ class Diagnosis:
         evidence: Sentences citing the events read (kinds, steps, numbers).
         advice: What to change, concretely.
         events: The events this diagnosis rests on.
+
+    Example:
+        >>> import stallguard as sg
+        >>> d = sg.Diagnosis("lr_too_low", 0.8, ("step 150: update_ratio_low",), "raise the LR 10x")
+        >>> d.description
+        'The learning rate is too low: updates are tiny next to the weights and the loss barely moves.'
     """
 
     cause: str
@@ -53,19 +78,532 @@ class Diagnosis:
         }
 
 
+# ---------------------------------------------------------------------------------------------- facts
+class _Facts:
+    """The event history, indexed for the rules."""
+
+    def __init__(self, events: Sequence[Event], guard: Guard | None) -> None:
+        self.events = list(events)
+        self.guard = guard
+        self.by_kind: dict[str, list[Event]] = {}
+        for e in self.events:
+            self.by_kind.setdefault(e.kind, []).append(e)
+
+    def all(self, *kinds: str) -> list[Event]:
+        """Every event of these kinds, in time order."""
+        found = [e for k in kinds for e in self.by_kind.get(k, ())]
+        return sorted(found, key=lambda e: e.step)
+
+    def first(self, *kinds: str) -> Event | None:
+        found = self.all(*kinds)
+        return found[0] if found else None
+
+    def has(self, *kinds: str) -> bool:
+        return any(self.by_kind.get(k) for k in kinds)
+
+    @property
+    def stall(self) -> Event | None:
+        """The first sign that the loss stopped improving or went wrong, if any."""
+        return self.first("plateau", "divergence", "loss_at_chance", "nonfinite")
+
+    @property
+    def stalled(self) -> bool:
+        return self.stall is not None
+
+    def learning_rates(self) -> list[float]:
+        """The current learning rate of every param group of the Guard's optimizers."""
+        if self.guard is None:
+            return []
+        out = []
+        for opt in self.guard.optimizers:
+            for group in opt.param_groups:
+                lr = group.get("lr")
+                try:
+                    out.append(float(lr))
+                except (TypeError, ValueError):
+                    continue
+        return out
+
+
+@dataclass
+class _Finding:
+    cause: str
+    confidence: float
+    events: list[Event]
+    advice: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _cite(e: Event) -> str:
+    return f"step {e.step}: {e.kind} ({e.source}) - {e.message}"
+
+
+def _num(value: Any, default: float = math.nan) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3g}"
+
+
+def _lr_text(facts: _Facts) -> str:
+    lrs = facts.learning_rates()
+    if not lrs:
+        return ""
+    uniq = sorted(set(lrs))
+    shown = ", ".join(f"{lr:.3g}" for lr in uniq[:4])
+    return f" (now {shown})"
+
+
+def _combine(*confidences: float) -> float:
+    """Independent pieces of evidence: 1 - prod(1 - c)."""
+    miss = 1.0
+    for c in confidences:
+        miss *= 1.0 - max(0.0, min(1.0, c))
+    return 1.0 - miss
+
+
+def _conf(e: Event, default: float) -> float:
+    return e.confidence if e.confidence is not None else default
+
+
+# ---------------------------------------------------------------------------------------------- rules
+# Each rule looks at the facts and returns at most one finding for its cause.
+Rule = Callable[[_Facts], "_Finding | None"]
+_RULES: list[Rule] = []
+
+
+def _rule(fn: Rule) -> Rule:
+    _RULES.append(fn)
+    return fn
+
+
+@_rule
+def _missing_zero_grad(f: _Facts) -> _Finding | None:
+    evs = f.all("grads_not_cleared")
+    if not evs:
+        return None
+    return _Finding(
+        "missing_zero_grad",
+        _combine(*(_conf(e, 0.9) for e in evs), 0.5 if f.stalled else 0.0),
+        evs,
+        "Call optimizer.zero_grad() once per optimizer step (before backward, or right after the step): "
+        "the gradients of every earlier step are still being added in.",
+    )
+
+
+@_rule
+def _params_not_updated(f: _Facts) -> _Finding | None:
+    kinds = ("optimizer_params_not_in_model", "params_not_in_optimizer", "grads_missing", "weights_frozen")
+    evs = [e for e in f.all(*kinds) if e.severity >= Severity.WARNING]
+    if not evs:
+        return None
+    advice = {
+        "optimizer_params_not_in_model": "Build the optimizer from the parameters of the model you train "
+        "(optimizer = Opt(model.parameters())); it holds parameters of another instance.",
+        "params_not_in_optimizer": "Add the listed parameters to an optimizer param group, or set "
+        "requires_grad=False on them if they are meant to stay frozen.",
+        "grads_missing": "The loss does not reach these parameters: look for .detach(), .item(), .numpy(), "
+        "torch.no_grad() or a tensor rebuilt from data inside the forward pass.",
+        "weights_frozen": "These weights do not move: check their param group's learning rate (0?) and "
+        "that the optimizer steps the parameters the model uses.",
+    }
+    first = evs[0]
+    return _Finding(
+        "params_not_updated",
+        _combine(*(_conf(e, 0.8) for e in evs), 0.3 if f.stalled else 0.0),
+        evs,
+        advice.get(first.kind, advice["weights_frozen"]),
+    )
+
+
+@_rule
+def _non_finite(f: _Facts) -> _Finding | None:
+    evs = f.all("nonfinite", "nonfinite_inputs", "nonfinite_gradients", "nonfinite_skipped", "nonfinite_zeroed")
+    evs += [e for e in f.all("divergence") if e.data.get("reason") == "non_finite"]
+    evs.sort(key=lambda e: e.step)
+    if not evs:
+        return None
+    first = evs[0]
+    where = str(first.data.get("where", "inputs" if first.kind == "nonfinite_inputs" else ""))
+    # NaN after the loss or the updates had already blown up is the end of another story.
+    earlier = [
+        e
+        for e in f.all("update_ratio_high", "exploding_gradients", "oscillation")
+        + [d for d in f.all("divergence") if d.data.get("reason") in ("explosion", "rise")]
+        if e.step < first.step
+    ]
+    confidence = 0.9 if not earlier else 0.45
+    if where == "inputs":
+        advice = (
+            "The inputs hold NaN/Inf: clean or impute them in the data pipeline "
+            "(check the files, the scaling, any division)."
+        )
+        confidence = 0.95
+    else:
+        advice = (
+            "Find the operation that makes NaN/Inf: use F.cross_entropy / log_softmax instead of log(softmax), "
+            "add an eps to divisions and logs, clamp exponents; run with repair=True to skip such steps meanwhile."
+        )
+    finding = _Finding("non_finite", confidence, evs, advice)
+    if earlier:
+        finding.notes.append(f"the loss or the updates were already blowing up before (step {earlier[0].step})")
+    return finding
+
+
+@_rule
+def _lr_too_high(f: _Facts) -> _Finding | None:
+    high = f.all("update_ratio_high")
+    div = [e for e in f.all("divergence") if e.data.get("reason") in ("explosion", "rise")]
+    osc = f.all("oscillation")
+    nonfinite_div = [e for e in f.all("divergence") if e.data.get("reason") == "non_finite"]
+    evs = high + div + osc
+    if not evs:
+        return None
+    explode = f.first("exploding_gradients")
+    confidences = [_conf(e, 0.6) for e in high] + [0.7 for _ in div[:1]] + [0.6 for _ in osc[:1]]
+    if high and (div or osc or nonfinite_div):
+        confidences.append(0.5)
+    confidence = _combine(*confidences)
+    # Exploding gradients that come first (before any sign of big updates) point to the gradients, not the LR.
+    if explode is not None and high and explode.step < high[0].step:
+        confidence *= 0.6
+    if not high and not f.stalled and not div:
+        confidence *= 0.5
+    return _Finding(
+        "lr_too_high",
+        min(confidence, 0.97),
+        sorted(evs, key=lambda e: e.step),
+        f"Lower the learning rate 3-10x{_lr_text(f)}, add a warm-up, or run with repair=True to cut it "
+        "automatically when the loss diverges or stalls.",
+    )
+
+
+@_rule
+def _lr_too_low(f: _Facts) -> _Finding | None:
+    low = f.all("update_ratio_low")
+    if not low:
+        return None
+    stall = f.first("plateau", "loss_at_chance")
+    confidence = _combine(*(_conf(e, 0.5) for e in low))
+    if stall is not None:
+        confidence = _combine(confidence, 0.6)
+    else:
+        confidence *= 0.6
+    ratio = _num(low[-1].data.get("median_ratio", low[-1].data.get("ratio")))
+    detail = (
+        f"; updates are ~{_fmt(ratio)} of the weights per step, where ~1e-3 is typical" if not math.isnan(ratio) else ""
+    )
+    evs = low + ([stall] if stall is not None else [])
+    return _Finding(
+        "lr_too_low",
+        confidence,
+        sorted(evs, key=lambda e: e.step),
+        f"Raise the learning rate 10x or more{_lr_text(f)}{detail}; an LR range test finds a good value fast.",
+    )
+
+
+@_rule
+def _bad_init(f: _Facts) -> _Finding | None:
+    evs = f.all("bad_init")
+    if not evs:
+        return None
+    problems = set()
+    for e in evs:
+        for key in ("problems", "problem", "kinds"):
+            v = e.data.get(key)
+            if isinstance(v, str):
+                problems.add(v)
+            elif isinstance(v, (tuple, list)):
+                problems.update(str(x) for x in v)
+    confidence = _combine(*(_conf(e, 0.7) for e in evs), 0.4 if f.stalled else 0.0)
+    if problems & {"all_zero", "constant", "symmetric"}:
+        advice = (
+            "Initialize weights randomly (torch's default, or nn.init.kaiming_uniform_ / xavier_uniform_), never "
+            "to zeros or a constant: identical units get identical gradients and never become different."
+        )
+    else:
+        advice = (
+            "Use fan-in scaled initialization (Kaiming for ReLU, Xavier for tanh/sigmoid, or torch's defaults): "
+            "weights far larger or smaller than 1/sqrt(fan_in) make activations and gradients explode or vanish."
+        )
+    return _Finding("bad_init", confidence, evs, advice)
+
+
+@_rule
+def _over_regularization(f: _Facts) -> _Finding | None:
+    evs = f.all("over_regularization")
+    if not evs:
+        return None
+    return _Finding(
+        "over_regularization",
+        _combine(*(_conf(e, 0.7) for e in evs), 0.3 if f.stalled else 0.0),
+        evs,
+        "Lower the weight decay / L2 coefficient 10-100x: the decay term outweighs the loss gradient and holds "
+        "the weights near zero. Typical values: AdamW 0.01-0.1, SGD 1e-4-5e-4, an explicit L2 term 1e-5-1e-3.",
+    )
+
+
+@_rule
+def _unnormalized_inputs(f: _Facts) -> _Finding | None:
+    evs = f.all("inputs_unnormalized")
+    if not evs:
+        return None
+    e = evs[0]
+    lo, hi = _num(e.data.get("min")), _num(e.data.get("max"))
+    mean, std = _num(e.data.get("mean")), _num(e.data.get("std"))
+    scale = (
+        f"inputs range over [{_fmt(lo)}, {_fmt(hi)}] (mean {_fmt(mean)}, std {_fmt(std)}): "
+        if not math.isnan(hi)
+        else ""
+    )
+    knock_on = f.has("saturated_activations", "dead_units", "exploding_gradients", "divergence")
+    return _Finding(
+        "unnormalized_inputs",
+        _combine(*(_conf(e, 0.7) for e in evs), 0.4 if (f.stalled or knock_on) else 0.0),
+        evs,
+        f"{scale}scale them (e.g. pixels to [0, 1]) and standardize per feature or channel with the training "
+        "set's mean and std (torchvision's Normalize, or (x - mean) / std).",
+    )
+
+
+@_rule
+def _class_imbalance(f: _Facts) -> _Finding | None:
+    imb = f.all("class_imbalance")
+    if not imb:
+        return None
+    collapsed = f.all("predictions_collapsed")
+    if not collapsed and not f.stalled:
+        return None  # imbalanced data that is being learned fine is not a failure
+    return _Finding(
+        "class_imbalance",
+        _combine(*(_conf(e, 0.6) for e in imb), *(_conf(e, 0.6) for e in collapsed)),
+        sorted(imb + collapsed, key=lambda e: e.step),
+        "Reweight the loss (CrossEntropyLoss(weight=...) with inverse class frequencies) or resample with a "
+        "WeightedRandomSampler, and judge the model by per-class recall or F1 rather than accuracy.",
+    )
+
+
+# Symptom rules below are gated on a stall: healthy runs can show them for a while.
+@_rule
+def _dying_relu(f: _Facts) -> _Finding | None:
+    evs = f.all("dead_units")
+    if not evs or not f.stalled:
+        return None
+    first = evs[0]
+    confidence = _combine(_conf(first, 0.6), 0.4)
+    frac = _num(first.data.get("max_fraction"))
+    layers = first.data.get("layers") or ()
+    where = f" ({_fmt(100 * frac)}% of the units of {', '.join(map(str, layers[:3]))} never fire)" if layers else ""
+    return _Finding(
+        "dying_relu",
+        confidence,
+        evs,
+        f"Dead ReLUs{where}: lower the learning rate, initialize with Kaiming (He) init and small positive biases, "
+        "add BatchNorm/LayerNorm, or use LeakyReLU/GELU, whose units cannot die.",
+    )
+
+
+@_rule
+def _saturated(f: _Facts) -> _Finding | None:
+    evs = f.all("saturated_activations")
+    if not evs or not f.stalled:
+        return None
+    return _Finding(
+        "saturated_activations",
+        _combine(*(_conf(e, 0.6) for e in evs[:2]), 0.3),
+        evs,
+        "Sigmoid/tanh units sit in their flat regions: normalize the inputs, use Xavier/Glorot init, add "
+        "normalization layers, or switch hidden layers to ReLU-family activations.",
+    )
+
+
+@_rule
+def _vanishing(f: _Facts) -> _Finding | None:
+    evs = f.all("vanishing_gradients")
+    if not evs or not f.stalled:
+        return None
+    ratio = _num(evs[0].data.get("ratio"))
+    detail = f" (first-layer gradients are {_fmt(ratio)} of the last layer's)" if not math.isnan(ratio) else ""
+    return _Finding(
+        "vanishing_gradients",
+        _combine(*(_conf(e, 0.7) for e in evs[:2]), 0.4),
+        evs,
+        f"Gradients vanish towards the input{detail}: use ReLU-family activations instead of sigmoid/tanh in deep "
+        "stacks, residual connections, BatchNorm/LayerNorm, or a shallower network.",
+    )
+
+
+@_rule
+def _exploding(f: _Facts) -> _Finding | None:
+    evs = f.all("exploding_gradients")
+    if not evs:
+        return None
+    blew_up = f.first("divergence", "nonfinite", "nonfinite_gradients", "plateau", "oscillation")
+    if blew_up is None:
+        return None
+    confidence = _combine(*(_conf(e, 0.7) for e in evs[:2]), 0.4)
+    high = f.first("update_ratio_high")
+    if high is not None and high.step < evs[0].step:
+        confidence *= 0.7  # big updates came first: the learning rate is the better explanation
+    return _Finding(
+        "exploding_gradients",
+        confidence,
+        evs,
+        "Clip the gradients (torch.nn.utils.clip_grad_norm_ with max_norm around 1, or run with repair=True), "
+        "lower the learning rate, and for recurrent nets use LSTM/GRU cells or an orthogonal init of the "
+        "recurrent weights.",
+    )
+
+
+@_rule
+def _no_signal(f: _Facts) -> _Finding | None:
+    chance = f.all("loss_at_chance")
+    constant = [e for e in f.all("constant_features") if "no_signal" in e.causes]
+    collapsed = [e for e in f.all("predictions_collapsed") if "no_signal" in e.causes]
+    if not chance and not constant:
+        return None
+    confidence = _combine(*(_conf(e, 0.6) for e in chance[:2] + constant), *(0.3 for _ in collapsed[:1]))
+    # The same flat loss with tiny updates or a model that cannot fit is explained by those instead.
+    if f.has("update_ratio_low"):
+        confidence *= 0.5
+    if f.has("capacity_limited"):
+        confidence *= 0.6
+    if f.has("bad_init", "grads_missing", "optimizer_params_not_in_model", "weights_frozen"):
+        confidence *= 0.5
+    e = (chance or constant)[0]
+    loss, level = _num(e.data.get("loss")), _num(e.data.get("chance"))
+    detail = f" (loss {_fmt(loss)} vs chance {_fmt(level)})" if not math.isnan(level) else ""
+    return _Finding(
+        "no_signal",
+        confidence,
+        sorted(chance + constant + collapsed, key=lambda ev: ev.step),
+        f"The loss stays at chance level{detail} while the model trains: check that labels match their inputs "
+        "(shuffle inputs and labels with one index), are not random or constant, and that the inputs reaching "
+        "the model carry the information (no all-constant features, no wrong tensor fed in).",
+    )
+
+
+@_rule
+def _capacity(f: _Facts) -> _Finding | None:
+    struct = f.all("capacity_limited")
+    if not struct:
+        return None
+    stall = f.first("plateau", "loss_at_chance", "predictions_collapsed")
+    if stall is None:
+        return None
+    return _Finding(
+        "insufficient_capacity",
+        _combine(*(_conf(e, 0.3) for e in struct), 0.5),
+        sorted([*struct, stall], key=lambda e: e.step),
+        "The model cannot represent the task: add non-linear hidden layers, widen the narrow layers (at least "
+        "as wide as the outputs), or use an architecture suited to the data (convolutions for images).",
+    )
+
+
+@_rule
+def _overfitting(f: _Facts) -> _Finding | None:
+    evs = f.all("overfitting")
+    if not evs:
+        return None
+    best = evs[0].data.get("best_step")
+    stop = f" at step {best}" if best is not None else ""
+    return _Finding(
+        "overfitting",
+        _combine(*(_conf(e, 0.75) for e in evs[:2])),
+        evs,
+        f"Validation loss rises while training loss falls: stop early{stop} (keep the best checkpoint), add weight "
+        "decay, dropout or data augmentation, or get more training data.",
+    )
+
+
+def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
+    """Rank root causes above the symptoms they explain."""
+
+    def below(symptom: str, root: str, why: str) -> None:
+        s, r = findings.get(symptom), findings.get(root)
+        if s is not None and r is not None and s.confidence >= r.confidence:
+            s.confidence = max(0.05, r.confidence - 0.05)
+            s.notes.append(why)
+
+    lr_high = findings.get("lr_too_high")
+    dead = findings.get("dying_relu")
+    if lr_high is not None and dead is not None:
+        first_lr = min(e.step for e in lr_high.events)
+        if first_lr <= min(e.step for e in dead.events):
+            below("dying_relu", "lr_too_high", "the updates were too large before the units died")
+    for root in ("unnormalized_inputs", "bad_init"):
+        below("saturated_activations", root, f"{root} drives the units into saturation")
+        below("dying_relu", root, f"{root} can push units into the dead region")
+        below("exploding_gradients", root, f"{root} inflates the gradients")
+        below("vanishing_gradients", root, f"{root} shrinks the gradients")
+    below("non_finite", "lr_too_high", "the NaN followed diverging updates")
+    below("non_finite", "exploding_gradients", "the NaN followed exploding gradients")
+    below("no_signal", "lr_too_low", "a loss stuck at chance with tiny updates is a learning rate problem")
+    below("no_signal", "insufficient_capacity", "the model cannot represent the task")
+    below("lr_too_low", "params_not_updated", "parameters that are never updated look like tiny updates")
+    below("lr_too_low", "missing_zero_grad", "piled-up gradients distort the updates")
+    below("lr_too_high", "missing_zero_grad", "piled-up gradients make the updates grow step after step")
+    below("exploding_gradients", "missing_zero_grad", "piled-up gradients grow step after step")
+    below("saturated_activations", "vanishing_gradients", "saturation is how the gradients vanish here")
+    below("class_imbalance", "no_signal", "a stuck model predicts the majority class")
+
+
 def diagnose(events: Sequence[Event], guard: Guard | None = None) -> list[Diagnosis]:
     """Rank the causes the events give evidence of, most likely first.
 
     Args:
-        events: The run's events, oldest first.
-        guard: The Guard, when available, for context such as the loss history.
+        events: The run's events, oldest first (``guard.events``, or ``read_jsonl(path)``).
+        guard: The Guard, when available, for context such as the current learning rates.
 
     Returns:
-        A list of :class:`Diagnosis`; empty for a healthy run.
+        A list of :class:`Diagnosis`, most likely first; empty for a healthy run.
+
+    Example:
+        >>> import stallguard as sg
+        >>> events = [
+        ...     sg.Event(kind="plateau", severity="warning", message="loss flat since step 40", step=150),
+        ...     sg.Event(kind="update_ratio_low", severity="warning", message="median |dw|/|w| 2e-07", step=150,
+        ...              causes=("lr_too_low",), confidence=0.8, data={"median_ratio": 2e-07}),
+        ... ]
+        >>> [d.cause for d in sg.diagnose(events)]
+        ['lr_too_low']
+        >>> sg.diagnose([])
+        []
     """
-    return []
+    facts = _Facts(events, guard)
+    findings: dict[str, _Finding] = {}
+    for rule in _RULES:
+        found = rule(facts)
+        if found is not None and found.confidence > 0:
+            findings[found.cause] = found
+    _explain(findings, facts)
+    ranked = sorted(findings.values(), key=lambda x: (-x.confidence, x.cause))
+    out = []
+    for fnd in ranked:
+        cited = [_cite(e) for e in fnd.events[:4]]
+        if len(fnd.events) > 4:
+            cited.append(f"... and {len(fnd.events) - 4} more event(s) of the same kinds")
+        stall = facts.stall
+        if stall is not None and stall not in fnd.events:
+            cited.append(f"the loss stalled or went wrong: {_cite(stall)}")
+        cited += [f"ranked lower: {n}" for n in fnd.notes]
+        out.append(
+            Diagnosis(
+                cause=fnd.cause,
+                confidence=round(min(max(fnd.confidence, 0.0), 1.0), 3),
+                evidence=tuple(cited),
+                advice=fnd.advice,
+                events=tuple(fnd.events),
+            )
+        )
+    return out
 
 
+# ---------------------------------------------------------------------------------------------- report
 def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
@@ -74,21 +612,39 @@ def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(out)
 
 
+def _timeline(events: Sequence[Event], limit: int) -> list[str]:
+    """Key events, with repeats of one kind from one source folded into a single line."""
+    key = [e for e in events if e.severity >= Severity.WARNING]
+    folded: list[tuple[Event, Event, int]] = []
+    for e in key:
+        if folded and folded[-1][0].kind == e.kind and folded[-1][0].source == e.source:
+            first, _, n = folded[-1]
+            folded[-1] = (first, e, n + 1)
+        else:
+            folded.append((e, e, 1))
+    lines = []
+    shown = folded[-limit:]
+    if len(folded) > len(shown):
+        lines.append(f"  ... {len(folded) - len(shown)} earlier entries not shown")
+    for first, last, n in shown:
+        repeat = f" (x{n}, until step {last.step})" if n > 1 else ""
+        lines.append(f"  step {first.step:>7}  {first.severity!s:8}  {first.kind:24} {first.message}{repeat}")
+    return lines
+
+
 def format_report(guard: Guard, *, max_timeline: int = 30) -> str:
     """The text of ``Guard.report()``: run summary, timeline of key events, diagnosis table."""
     lines = [f"stallguard report: {guard.step} optimizer steps, {len(guard.hooks)} hooks"]
     if guard.has_series("loss"):
-        loss = guard.series("loss")
-        v = loss.values
-        lines.append(f"loss: first {v[0]:.4g}, last {v[-1]:.4g}, best {min(v):.4g} ({len(v)} steps observed)")
-    key = [e for e in guard.events if e.severity >= Severity.WARNING]
+        v = guard.series("loss").values
+        finite = v[[math.isfinite(x) for x in v]]
+        best = f"{min(finite):.4g}" if len(finite) else "n/a"
+        lines.append(f"loss: first {v[0]:.4g}, last {v[-1]:.4g}, best {best} ({len(v)} steps observed)")
     lines.append("")
-    if key:
+    timeline = _timeline(guard.events, max_timeline)
+    if timeline:
         lines.append("timeline (warnings and worse):")
-        shown = key[-max_timeline:]
-        if len(key) > len(shown):
-            lines.append(f"  ... {len(key) - len(shown)} earlier events not shown")
-        lines += [f"  step {e.step:>7}  {e.severity!s:8}  {e.kind:24} {e.message}" for e in shown]
+        lines += timeline
     else:
         lines.append("timeline: no warnings.")
     lines.append("")
@@ -97,14 +653,14 @@ def format_report(guard: Guard, *, max_timeline: int = 30) -> str:
         lines.append("diagnosis: no cause found; the run looks healthy so far.")
     else:
         lines.append("diagnosis (most likely first):")
-        rows = [[str(i + 1), d.cause, f"{d.confidence:.2f}", d.advice] for i, d in enumerate(found)]
-        lines.append(_fmt_table(rows, ["#", "cause", "conf", "advice"]))
+        rows = [[str(i + 1), d.cause, f"{d.confidence:.2f}", d.description] for i, d in enumerate(found)]
+        lines.append(_fmt_table(rows, ["#", "cause", "conf", "what it means"]))
+        for i, d in enumerate(found, 1):
+            lines.append("")
+            lines.append(f"{i}. {d.cause}: {d.advice}")
+            lines += [f"   - {ev}" for ev in d.evidence]
+    failures = sum(guard.sink_failures.values())
+    if failures:
         lines.append("")
-        lines.append("evidence:")
-        for d in found:
-            lines.append(f"  {d.cause}:")
-            lines += [f"    - {ev}" for ev in d.evidence]
-    if any(guard.sink_failures.values()):
-        lines.append("")
-        lines.append(f"note: {sum(guard.sink_failures.values())} sink write(s) failed; every event is in guard.events")
+        lines.append(f"note: {failures} sink write(s) failed; every event is in guard.events")
     return "\n".join(lines)
