@@ -1,0 +1,190 @@
+"""NonFinite: where and when the first NaN/Inf of a run appeared (inputs, parameters, loss or gradients)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._validate import check_int, check_type
+from ..hook import Hook
+from ..registry import register
+from ..stats import CheckContext, Observation, StepContext
+
+__all__ = ["NonFinite"]
+
+#: Sources in causal order within one step: what feeds the forward pass comes first.
+WHERE = ("inputs", "parameters", "loss", "gradients")
+_INPUTS, _PARAMS, _LOSS, _GRADS = range(len(WHERE))
+
+
+@register("nonfinite", default="monitor")
+class NonFinite(Hook):
+    """Find the first NaN/Inf of the run: in the inputs, the parameters, the loss or the gradients.
+
+    Per step, only device flags: the loss and the inputs given to ``guard.observe`` are tested with
+    ``isfinite``; the gradients through the step's shared per-parameter norms (a non-finite gradient
+    has a non-finite norm, so no second pass over the gradients); the parameters through the shared
+    weight norms, every ``param_every`` steps. Each source keeps, on the device, the first step it
+    went bad (``torch.where`` on the step number), and the gradients and parameters also keep which
+    tensor. At a check point the host reads those few numbers and, the first time anything is
+    non-finite, emits one ``nonfinite`` event naming the origin: the earliest step, and within a
+    step the earliest source in causal order (inputs, parameters, loss, gradients), with the first
+    layer in model order.
+
+    Division of work with the other hooks: this hook reports the origin, once per run, and never
+    changes training. :class:`~stallguard.GradNormMonitor` reports, per check interval, how many steps
+    had non-finite gradients (``nonfinite_gradients``). :class:`~stallguard.GradientClipper` (with
+    ``repair=True``) skips or zeroes such steps and reports that (``nonfinite_skipped``). All three
+    read the same shared gradient norms of the step.
+
+    Args:
+        param_every: Test the parameters every this many steps (0: never). A NaN written into a weight
+            between two tested steps is reported at the next tested step; the loss and gradients it
+            causes are seen at once.
+        check_inputs: Test floating-point ``inputs`` given to ``observe`` (one pass over the batch).
+        **kwargs: ``every``, ``start_step``, ``name`` (see :class:`~stallguard.Hook`).
+
+    Example:
+        >>> import torch, stallguard as sg
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> guard = sg.Guard(model, opt, hooks=[sg.NonFinite()], sinks=[], check_every=4)
+        >>> for step in range(4):
+        ...     x = torch.rand(8, 3) * (step < 2)  # all-zero inputs from the third step: log(0)
+        ...     loss = -torch.log(model(x).sigmoid().mean() * x.mean())
+        ...     opt.zero_grad(); loss.backward(); guard.observe(loss); opt.step()
+        >>> e = guard.events[0]
+        >>> e.kind, e.data["where"], e.data["first_step"]
+        ('nonfinite', 'loss', 3)
+        >>> guard.close()
+    """
+
+    def __init__(self, param_every: int = 1, check_inputs: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        owner = type(self).__name__
+        self.param_every = check_int(owner, "param_every", param_every, min=0)
+        self.check_inputs = check_type(owner, "check_inputs", check_inputs, bool, "a bool")
+        self.add_state("reported", False)
+        self.add_state("interval_start", 0)
+        self._slot_names: list[str] = []
+        self._slot_of: dict[str, int] = {}
+        self._index: dict[tuple[str, ...], Tensor] = {}
+        self._pending_state: dict[str, Any] | None = None
+
+    def on_attach(self, guard: Any) -> None:
+        names: list[str] = []
+        if guard.module is not None:
+            names = [n for n, _ in guard.module.named_parameters()]
+        for i in range(len(guard.optimizers)):
+            names += [n for n in guard.optimizer_parameters(i)[1] if n not in names]
+        self._slot_names = names
+        self._slot_of = {n: j for j, n in enumerate(names)}
+        n_slots = len(names) + 1  # the last slot: parameters that joined after attach
+        # Steps since the interval began (exact in float32); inf = never.
+        self.add_state("first", torch.full((len(WHERE),), math.inf), reduce="min", reset=True)
+        self.add_state("grad_first", torch.full((n_slots,), math.inf), reduce="min", reset=True)
+        self.add_state("param_first", torch.full((n_slots,), math.inf), reduce="min", reset=True)
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            super().load_state_dict(state)
+        else:
+            self.interval_start = guard.step
+
+    # ----------------------------------------------------------------- per step: device ops only
+    def _offset(self, step: int) -> float:
+        return float(step - self.interval_start)
+
+    def _mark(self, where: int, bad: Tensor, step: int) -> None:
+        when = torch.where(bad, self._offset(step), math.inf).to(self.first.dtype)
+        self.first[where] = torch.minimum(self.first[where], when)
+
+    def _slots(self, names: list[str], device: torch.device) -> Tensor:
+        key = tuple(names)
+        idx = self._index.get(key)
+        if idx is None:
+            other = len(self._slot_names)
+            # Built once per parameter set: a host-to-device copy, never on every step.
+            idx = self._index[key] = torch.tensor([self._slot_of.get(n, other) for n in names], device=device)
+        return idx
+
+    @torch.no_grad()
+    def on_observe(self, obs: Observation) -> None:
+        if self.reported:
+            return
+        step = obs.step + 1  # the loss and batch of the step that is under way
+        if isinstance(obs.loss, Tensor):
+            self._mark(_LOSS, ~torch.isfinite(obs.loss), step)
+        elif obs.loss is not None and not math.isfinite(obs.loss):
+            self._mark(_LOSS, torch.ones((), dtype=torch.bool, device=self.first.device), step)
+        x = obs.inputs
+        if self.check_inputs and isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
+            self._mark(_INPUTS, ~torch.isfinite(x).all().to(self.first.device), step)
+
+    @torch.no_grad()
+    def on_before_step(self, ctx: StepContext) -> None:
+        if self.reported:
+            return
+        norms = ctx.grad_norms()
+        if norms is None:
+            return
+        step = ctx.step
+        idx = self._slots(norms.names, norms.per_tensor.device)
+        bad = ~torch.isfinite(norms.per_tensor)
+        self._mark(_GRADS, ~norms.finite, step)
+        self.grad_first.scatter_reduce_(0, idx, torch.where(bad, self._offset(step), math.inf), "amin")
+        if self.param_every and (step - self.start_step) % self.param_every == 0:
+            pbad = ~torch.isfinite(ctx.param_norms())
+            self._mark(_PARAMS, pbad.any(), step)
+            self.param_first.scatter_reduce_(0, idx, torch.where(pbad, self._offset(step), math.inf), "amin")
+
+    # ----------------------------------------------------------------- check point
+    def on_check(self, check: CheckContext) -> None:
+        v = check.values
+        start, self.interval_start = self.interval_start, check.step
+        if self.reported:
+            return
+        first = np.asarray(v["first"], dtype=np.float64).reshape(-1)
+        if not np.isfinite(first).any():
+            return
+        earliest = float(first.min())
+        origin = int(np.flatnonzero(first == earliest)[0])  # causal order breaks ties
+        layer = None
+        if origin in (_GRADS, _PARAMS):
+            per = np.asarray(v["grad_first" if origin == _GRADS else "param_first"], dtype=np.float64).reshape(-1)
+            names = [*self._slot_names, "(added after attach)"]
+            hits = np.flatnonzero(per == per.min()) if np.isfinite(per).any() else []
+            layer = names[int(hits[0])] if len(hits) else None  # slots are in model order
+        first_step = int(start + earliest)
+        seen = {WHERE[k]: int(start + first[k]) for k in range(len(WHERE)) if math.isfinite(first[k])}
+        self.reported = True
+        where = WHERE[origin]
+        self.emit(
+            "nonfinite",
+            "error",
+            f"first NaN/Inf of the run: {where} at step {first_step}"
+            + (f", in {layer}" if layer else "")
+            + (
+                f" (also: {', '.join(f'{k} at step {s}' for k, s in seen.items() if k != where)})"
+                if len(seen) > 1
+                else ""
+            ),
+            causes=("non_finite",),
+            confidence=0.95,
+            where=where,
+            first_step=first_step,
+            layer=layer,
+            sources=seen,
+        )
+
+    # ----------------------------------------------------------------- state
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (before or after the Guard attaches)."""
+        if self.guard is None:
+            # Per-layer states take their shapes from the model at attach.
+            self._pending_state = dict(state)
+            return
+        super().load_state_dict(state)
