@@ -119,8 +119,8 @@ class StaleParams(Hook):
         if model is None or not guard.optimizers or guard.step > 0:
             return  # attach-time checks need both, and belong to the start of a run
         self._check_membership(guard, model, opt_named)
-        for mod_name, mod in model.named_modules():
-            for pname, p in mod.named_parameters(recurse=False):
+        for _mod_name, mod in model.named_modules():
+            for _pname, p in mod.named_parameters(recurse=False):
                 name = guard.parameter_name(p)
                 if name is not None and p.requires_grad:
                     self._module_of.setdefault(name, mod)

@@ -80,6 +80,7 @@ class ZeroGradCheck(Hook):
         self._incoming: dict[int, Tensor] = {}
         self._armed_step: int | None = None
         self._step_handles: list[Any] = []
+        self._restored = False
 
     # ----------------------------------------------------------------- attach
     def on_attach(self, guard: Any) -> None:
@@ -103,7 +104,8 @@ class ZeroGradCheck(Hook):
             usable.append((n, p))
         usable.sort(key=lambda np_: np_[1].numel())
         self._watched = usable[: self.max_params]
-        self.interval_start = guard.step
+        if not self._restored:
+            self.interval_start = guard.step
 
     def on_step_begin(self, step: int) -> None:
         self._disarm()
@@ -215,3 +217,8 @@ class ZeroGradCheck(Hook):
 
     def on_close(self) -> None:
         self._disarm()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (before or after the Guard attaches)."""
+        super().load_state_dict(state)
+        self._restored = True
