@@ -214,11 +214,10 @@ def test_an_unused_module_is_only_info() -> None:
 
 def test_embedding_rows_unused_on_some_steps_are_fine() -> None:
     torch.manual_seed(0)
-    emb, head = nn.Embedding(100, 8), nn.Linear(8, 1)
-    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(8 * 4, 1))
+    model = nn.Sequential(nn.Embedding(100, 8), nn.Flatten(), nn.Linear(8 * 4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     guard = sg.Guard(model, opt, hooks=[sg.StaleParams(update_every=2)], sinks=[], check_every=5, strict=True)
-    for s in range(20):
+    for _ in range(20):
         idx = torch.randint(0, 10, (16, 4))  # rows 10..99 never used
         opt.zero_grad()
         loss = model(idx).pow(2).mean()
@@ -395,7 +394,7 @@ def test_repair_mode_skips_once_and_reports_each_role_once() -> None:
     ],
 )
 def test_bad_arguments_name_the_hook_and_parameter(cls: type, bad: dict) -> None:
-    (name, value) = next(iter(bad.items()))
+    name = next(iter(bad))
     with pytest.raises((ValueError, TypeError)) as info:
         cls(**bad)
     assert cls.__name__ in str(info.value) and name in str(info.value)

@@ -122,6 +122,9 @@ class ZeroGradCheck(Hook):
             # (torch.autograd.grad also calls this hook, but not the post-accumulate one).
             g = grad.detach()
             old = p.grad
+            if g.layout != torch.strided or (old is not None and old.layout != torch.strided):
+                self._incoming.pop(k, None)  # sparse gradients: not compared
+                return
             if old is None:
                 self._sums.pop(k, None)  # cleared with set_to_none=True: a fresh sum
             elif k in self._sums:
