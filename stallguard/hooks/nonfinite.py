@@ -74,6 +74,9 @@ class NonFinite(Hook):
         self._slot_of: dict[str, int] = {}
         self._index: dict[tuple[str, ...], Tensor] = {}
         self._pending_state: dict[str, Any] | None = None
+        self._pending: list[Tensor | None] = [None] * len(WHERE)  # this step's observed flags
+        self._pending_step: int | None = None
+        self._false: Tensor | None = None
 
     def on_attach(self, guard: Any) -> None:
         names: list[str] = []
@@ -86,8 +89,8 @@ class NonFinite(Hook):
         n_slots = len(names) + 1  # the last slot: parameters that joined after attach
         # Steps since the interval began (exact in float32); inf = never.
         self.add_state("first", torch.full((len(WHERE),), math.inf), reduce="min", reset=True)
-        self.add_state("grad_first", torch.full((n_slots,), math.inf), reduce="min", reset=True)
-        self.add_state("param_first", torch.full((n_slots,), math.inf), reduce="min", reset=True)
+        # Row 0: gradients, row 1: parameters; one column per parameter, in model order.
+        self.add_state("layer_first", torch.full((2, n_slots), math.inf), reduce="min", reset=True)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             super().load_state_dict(state)
@@ -98,9 +101,59 @@ class NonFinite(Hook):
     def _offset(self, step: int) -> float:
         return float(step - self.interval_start)
 
-    def _mark(self, where: int, bad: Tensor, step: int) -> None:
-        when = torch.where(bad, self._offset(step), math.inf).to(self.first.dtype)
-        self.first[where] = torch.minimum(self.first[where], when)
+    def _flush(self, step: int, row: list[Tensor | None]) -> None:
+        """Fold one step's four flags into ``first`` with one stack, one where and one minimum."""
+        false = self._false
+        if false is None or false.device != self.first.device:
+            false = self._false = torch.zeros((), dtype=torch.bool, device=self.first.device)
+        bad = torch.stack([false if f is None else f for f in row])
+        torch.minimum(self.first, torch.where(bad, self._offset(step), math.inf), out=self.first)
+
+    @torch.no_grad()
+    def on_observe(self, obs: Observation) -> None:
+        if self.reported:
+            return
+        step = obs.step + 1  # the loss and batch of the step under way
+        if self._pending_step is not None and self._pending_step != step:
+            self._flush(self._pending_step, self._pending)
+            self._pending = [None] * len(WHERE)
+        self._pending_step = step
+        if isinstance(obs.loss, Tensor):
+            self._add(_LOSS, ~torch.isfinite(obs.loss).to(self.first.device))
+        elif obs.loss is not None and not math.isfinite(obs.loss):
+            self._add(_LOSS, torch.ones((), dtype=torch.bool, device=self.first.device))
+        x = obs.inputs
+        if self.check_inputs and isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
+            self._add(_INPUTS, ~torch.isfinite(x).all().to(self.first.device))
+
+    def _add(self, where: int, bad: Tensor) -> None:
+        prev = self._pending[where]
+        self._pending[where] = bad if prev is None else prev | bad  # several observe calls (accumulation)
+
+    @torch.no_grad()
+    def on_before_step(self, ctx: StepContext) -> None:
+        if self.reported:
+            return
+        step = ctx.step
+        row = self._pending if self._pending_step == step else [None] * len(WHERE)
+        if self._pending_step is not None and self._pending_step != step:
+            self._flush(self._pending_step, self._pending)
+        self._pending, self._pending_step = [None] * len(WHERE), None
+        norms = ctx.grad_norms()
+        if norms is not None:
+            idx = self._slots(norms.names, norms.per_tensor.device)
+            bad = ~torch.isfinite(norms.per_tensor)
+            row[_GRADS] = ~norms.finite
+            if self.param_every and (step - self.start_step) % self.param_every == 0:
+                pbad = ~torch.isfinite(ctx.param_norms())
+                row[_PARAMS] = pbad.any()
+                bad = torch.stack([bad, pbad])
+            else:
+                bad = torch.stack([bad, torch.zeros_like(bad)])
+            when = torch.where(bad, self._offset(step), math.inf)
+            self.layer_first.scatter_reduce_(1, idx.expand(2, -1), when, "amin")
+        if any(f is not None for f in row):
+            self._flush(step, row)
 
     def _slots(self, names: list[str], device: torch.device) -> Tensor:
         key = tuple(names)
@@ -110,36 +163,6 @@ class NonFinite(Hook):
             # Built once per parameter set: a host-to-device copy, never on every step.
             idx = self._index[key] = torch.tensor([self._slot_of.get(n, other) for n in names], device=device)
         return idx
-
-    @torch.no_grad()
-    def on_observe(self, obs: Observation) -> None:
-        if self.reported:
-            return
-        step = obs.step + 1  # the loss and batch of the step that is under way
-        if isinstance(obs.loss, Tensor):
-            self._mark(_LOSS, ~torch.isfinite(obs.loss), step)
-        elif obs.loss is not None and not math.isfinite(obs.loss):
-            self._mark(_LOSS, torch.ones((), dtype=torch.bool, device=self.first.device), step)
-        x = obs.inputs
-        if self.check_inputs and isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
-            self._mark(_INPUTS, ~torch.isfinite(x).all().to(self.first.device), step)
-
-    @torch.no_grad()
-    def on_before_step(self, ctx: StepContext) -> None:
-        if self.reported:
-            return
-        norms = ctx.grad_norms()
-        if norms is None:
-            return
-        step = ctx.step
-        idx = self._slots(norms.names, norms.per_tensor.device)
-        bad = ~torch.isfinite(norms.per_tensor)
-        self._mark(_GRADS, ~norms.finite, step)
-        self.grad_first.scatter_reduce_(0, idx, torch.where(bad, self._offset(step), math.inf), "amin")
-        if self.param_every and (step - self.start_step) % self.param_every == 0:
-            pbad = ~torch.isfinite(ctx.param_norms())
-            self._mark(_PARAMS, pbad.any(), step)
-            self.param_first.scatter_reduce_(0, idx, torch.where(pbad, self._offset(step), math.inf), "amin")
 
     # ----------------------------------------------------------------- check point
     def on_check(self, check: CheckContext) -> None:
@@ -154,7 +177,8 @@ class NonFinite(Hook):
         origin = int(np.flatnonzero(first == earliest)[0])  # causal order breaks ties
         layer = None
         if origin in (_GRADS, _PARAMS):
-            per = np.asarray(v["grad_first" if origin == _GRADS else "param_first"], dtype=np.float64).reshape(-1)
+            rows = np.asarray(v["layer_first"], dtype=np.float64).reshape(2, -1)
+            per = rows[0 if origin == _GRADS else 1]
             names = [*self._slot_names, "(added after attach)"]
             hits = np.flatnonzero(per == per.min()) if np.isfinite(per).any() else []
             layer = names[int(hits[0])] if len(hits) else None  # slots are in model order
