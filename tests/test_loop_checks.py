@@ -460,3 +460,27 @@ def test_no_host_sync_on_a_step_that_is_not_a_check_point() -> None:
     assert "aten::mse_loss" in names  # the profiler saw the step
     assert names.count("aten::item") == 0 and names.count("aten::_local_scalar_dense") == 0
     guard.close()
+
+
+def test_gradscaler_overflow_steps_are_not_reported() -> None:
+    # A fused optimizer under a GradScaler sees the overflow steps (skipped in-kernel): not a NaN bug,
+    # and the scaled gradients are no leftover either.
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", growth_interval=1000)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    hooks = [sg.NonFinite(), sg.ZeroGradCheck(every=1)]
+    guard = sg.Guard(model, opt, hooks=hooks, sinks=[], check_every=20, scaler=scaler, strict=True)
+    for step in range(1, 21):
+        loss = nn.functional.mse_loss(model(x), y)
+        if step in (5, 9):  # scaled gradients overflow float32
+            loss = loss * 1e36
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        guard.observe(loss.detach().clamp_max(1e30))
+        scaler.step(opt)
+        scaler.update()
+    guard.close()
+    assert [e.data["skipped"] for e in guard.events if e.kind == "steps_skipped"] == [2]
+    assert [e.kind for e in guard.events if e.source in ("NonFinite", "ZeroGradCheck")] == []
+    assert guard.hook(sg.ZeroGradCheck).total_flagged == 0

@@ -144,6 +144,11 @@ class NonFinite(Hook):
             idx = self._slots(norms.names, norms.per_tensor.device)
             bad = ~torch.isfinite(norms.per_tensor)
             row[_GRADS] = ~norms.finite
+            found = getattr(ctx.optimizer, "found_inf", None)
+            if isinstance(found, Tensor):
+                # A GradScaler overflow with a fused optimizer: the step is skipped on purpose, not a NaN bug.
+                ok = found.detach().to(bad.device).reshape(()) <= 0
+                bad, row[_GRADS] = bad & ok, row[_GRADS] & ok
             if self.param_every and (step - self.start_step) % self.param_every == 0:
                 pbad = ~torch.isfinite(ctx.param_norms())
                 row[_PARAMS] = pbad.any()

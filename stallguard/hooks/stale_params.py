@@ -81,7 +81,7 @@ class StaleParams(Hook):
         self.min_samples = check_int(owner, "min_samples", min_samples, min=1)
         self.add_state("warmup_steps", 0)
         self.add_state("grads_decided", False)
-        self.add_state("missing", {})  # name -> steps without .grad during the warm-up
+        self.add_state("missing", {})  # name -> [steps seen, steps without .grad] during the warm-up
         self.add_state("reported_frozen", [])
         self._pending_state: dict[str, Any] | None = None
         self._slot_names: list[str] = []
@@ -116,11 +116,12 @@ class StaleParams(Hook):
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             super().load_state_dict(state)
-        if model is None or not guard.optimizers or guard.step > 0:
-            return  # attach-time checks need both, and belong to the start of a run
-        self._check_membership(guard, model, opt_named)
-        for _mod_name, mod in model.named_modules():
-            for _pname, p in mod.named_parameters(recurse=False):
+        if model is None or guard.step > 0:
+            return  # attach-time checks need the model, and belong to the start of a run
+        if guard.optimizers:
+            self._check_membership(guard, model, opt_named)
+        for mod in model.modules():
+            for p in mod.parameters(recurse=False):
                 name = guard.parameter_name(p)
                 if name is not None and p.requires_grad:
                     self._module_of.setdefault(name, mod)
@@ -185,13 +186,16 @@ class StaleParams(Hook):
             self._sample_lr(ctx)
 
     def _watch_grads(self, ctx: StepContext) -> None:
-        if self.grads_decided or not ctx.is_clock:
+        if self.grads_decided:
             return
-        # .grad being None is a host fact: no device read.
+        # .grad being None is a host fact: no device read. Per name: [steps seen, steps without .grad].
         for n, p in zip(ctx.names, ctx.params):
-            if p.requires_grad and p.grad is None:
-                self.missing[n] = self.missing.get(n, 0) + 1
-        self.warmup_steps += 1
+            if p.requires_grad:
+                seen = self.missing.setdefault(n, [0, 0])
+                seen[0] += 1
+                seen[1] += p.grad is None
+        if ctx.is_clock:
+            self.warmup_steps += 1
 
     def _sample_lr(self, ctx: StepContext) -> None:
         opt = ctx.optimizer
@@ -244,26 +248,27 @@ class StaleParams(Hook):
                 self._handles.remove(h)
         self._forward_handles = []
         steps = self.warmup_steps
-        never = [n for n, c in self.missing.items() if c >= steps and n in self._params]
+        never = [n for n, (seen, none) in self.missing.items() if seen > 0 and none >= seen and n in self._params]
         if not never:
             return
         total = sum(p.numel() for p in self._params.values()) or 1
-        ran = [n for n in never if self._calls.get(id(self._module_of.get(n)), 0) > 0]
-        unused = [n for n in never if n not in ran]
-        for names, reason in ((ran, "detached"), (unused, "unused")):
+        if self._module_of:
+            ran = [n for n in never if self._calls.get(id(self._module_of.get(n)), 0) > 0]
+            groups = ((ran, "detached"), ([n for n in never if n not in ran], "unused"))
+        else:  # no model to watch: the forward pass cannot be told apart
+            groups = ((never, "no_gradient"),)
+        for names, reason in groups:
             if not names:
                 continue
             numel = sum(self._params[n].numel() for n in names)
             fraction = numel / total
-            significant = reason == "detached" and fraction >= self.min_fraction
-            what = (
-                "their modules ran in the forward pass, so the graph is cut (detach, no_grad, a tensor rebuilt "
-                "from data)"
-                if reason == "detached"
-                else "their modules never ran in the forward pass"
-                if self._module_of
-                else "nothing reached them"
-            )
+            significant = reason != "unused" and fraction >= self.min_fraction
+            what = {
+                "detached": "their modules ran in the forward pass, so the graph is cut "
+                "(detach, no_grad, a tensor rebuilt from data)",
+                "unused": "their modules never ran in the forward pass",
+                "no_gradient": "the loss does not reach them",
+            }[reason]
             self.emit(
                 "grads_missing",
                 "warning" if significant else "info",
