@@ -484,3 +484,20 @@ def test_gradscaler_overflow_steps_are_not_reported() -> None:
     assert [e.data["skipped"] for e in guard.events if e.kind == "steps_skipped"] == [2]
     assert [e.kind for e in guard.events if e.source in ("NonFinite", "ZeroGradCheck")] == []
     assert guard.hook(sg.ZeroGradCheck).total_flagged == 0
+
+
+def test_two_optimizers_over_parts_of_the_model_are_quiet() -> None:
+    x, y = regression_data()
+    model = TwoLayer()
+    opts = [torch.optim.SGD(model.l1.parameters(), lr=1e-2), torch.optim.Adam(model.l2.parameters(), lr=1e-3)]
+    hooks = [sg.StaleParams(update_every=2), sg.ZeroGradCheck(every=2), sg.NonFinite()]
+    guard = sg.Guard(model, opts, hooks=hooks, sinks=[], check_every=5, strict=True)
+    for _ in range(12):
+        for o in opts:
+            o.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        for o in opts:
+            o.step()
+    guard.close()
+    assert kinds(guard) == []
+    assert guard.hook(sg.StaleParams).grads_decided
