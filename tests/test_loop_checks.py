@@ -501,3 +501,21 @@ def test_two_optimizers_over_parts_of_the_model_are_quiet() -> None:
     guard.close()
     assert kinds(guard) == []
     assert guard.hook(sg.StaleParams).grads_decided
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_before_every_micro_batch_is_not_called_missing(set_to_none: bool) -> None:
+    # That loop loses gradients rather than piling them up: not a missing zero_grad.
+    x, y = regression_data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = sg.Guard(model, opt, hooks=[sg.ZeroGradCheck(every=1)], sinks=[], check_every=5, strict=True)
+    for s in range(10):
+        for k in range(3):
+            opt.zero_grad(set_to_none=set_to_none)
+            i = (3 * s + k) % 8
+            nn.functional.mse_loss(model(x[i * 32 : (i + 1) * 32]), y[i * 32 : (i + 1) * 32]).backward()
+        opt.step()
+    guard.close()
+    assert kinds(guard) == []
+    assert guard.hook(sg.ZeroGradCheck).total_flagged == 0
