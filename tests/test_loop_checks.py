@@ -519,3 +519,16 @@ def test_zero_grad_before_every_micro_batch_is_not_called_missing(set_to_none: b
     guard.close()
     assert kinds(guard) == []
     assert guard.hook(sg.ZeroGradCheck).total_flagged == 0
+
+
+def test_config_round_trip() -> None:
+    model = TwoLayer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = [sg.ZeroGradCheck(every=3, tol=0.02), sg.StaleParams(warmup=7), sg.NonFinite(param_every=5)]
+    guard = sg.Guard(model, opt, hooks=hooks, sinks=[])
+    config = guard.to_config()
+    guard.close()
+    again = sg.Guard.from_config(model, opt, {**config, "sinks": []})
+    assert again.to_config() == config
+    assert again.hook(sg.StaleParams).warmup == 7 and again.hook(sg.ZeroGradCheck).every == 3
+    again.close()
