@@ -434,8 +434,18 @@ def test_state_dict_round_trip() -> None:
                 assert torch.equal(again[k], saved[k]), (h.name, k)
             else:
                 assert again[k] == saved[k], (h.name, k)
-    assert guard2.hook(sg.StaleParams).grads_decided
+    stale = guard2.hook(sg.StaleParams)
+    assert stale.grads_decided and stale._forward_handles == []  # no forward hooks after the warm-up
     guard2.close()
+    # The Guard-level path: load after attach.
+    guard3 = sg.Guard(
+        model, opt2, hooks=[sg.ZeroGradCheck(every=2), sg.StaleParams(), sg.NonFinite()], sinks=[], check_every=5
+    )
+    assert guard3.hook(sg.StaleParams)._forward_handles
+    guard3.load_state_dict(loaded)
+    assert guard3.hook(sg.StaleParams)._forward_handles == []
+    assert guard3.hook(sg.ZeroGradCheck).interval_start == 5 and guard3.step == 7
+    guard3.close()
 
 
 def test_no_host_sync_on_a_step_that_is_not_a_check_point() -> None:

@@ -125,8 +125,9 @@ class StaleParams(Hook):
                 name = guard.parameter_name(p)
                 if name is not None and p.requires_grad:
                     self._module_of.setdefault(name, mod)
-        for mod in {id(m): m for m in self._module_of.values()}.values():
-            self._forward_handles.append(self.register_handle(mod.register_forward_hook(self._count_call)))
+        if not self.grads_decided:
+            for mod in {id(m): m for m in self._module_of.values()}.values():
+                self._forward_handles.append(self.register_handle(mod.register_forward_hook(self._count_call)))
 
     def _count_call(self, module: nn.Module, args: Any, output: Any) -> None:
         self._calls[id(module)] = self._calls.get(id(module), 0) + 1
@@ -240,13 +241,16 @@ class StaleParams(Hook):
         self._decide_frozen(check.values)
         self._lr_zero = {}
 
-    def _decide_grads(self) -> None:
-        self.grads_decided = True
+    def _remove_forward_hooks(self) -> None:
         for h in self._forward_handles:
             h.remove()
             if h in self._handles:
                 self._handles.remove(h)
         self._forward_handles = []
+
+    def _decide_grads(self) -> None:
+        self.grads_decided = True
+        self._remove_forward_hooks()
         steps = self.warmup_steps
         never = [n for n, (seen, none) in self.missing.items() if seen > 0 and none >= seen and n in self._params]
         if not never:
@@ -334,3 +338,5 @@ class StaleParams(Hook):
             self._pending_state = dict(state)
             return
         super().load_state_dict(state)
+        if self.grads_decided:
+            self._remove_forward_hooks()  # the warm-up is over in the restored run
