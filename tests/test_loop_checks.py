@@ -542,3 +542,36 @@ def test_config_round_trip() -> None:
     assert again.to_config() == config
     assert again.hook(sg.StaleParams).warmup == 7 and again.hook(sg.ZeroGradCheck).every == 3
     again.close()
+
+
+def test_value_clipping_is_not_mistaken_for_leftovers() -> None:
+    x, y = regression_data()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = sg.Guard(model, opt, hooks=[sg.ZeroGradCheck(every=1)], sinks=[], check_every=5, strict=True)
+    clamped = 0
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        bias = model[0].bias.grad
+        clamped += int((bias.abs() > 0.05).sum())
+        torch.nn.utils.clip_grad_value_(model.parameters(), 0.05)
+        opt.step()
+    guard.close()
+    assert clamped > 0  # the clamp did change watched gradients
+    assert kinds(guard) == []
+
+
+def test_a_watched_parameter_without_gradients_is_replaced() -> None:
+    x, y = regression_data()
+    model = TwoLayer(unused=True)  # spare.weight (4 elements) is the smallest parameter and never used
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    checker = sg.ZeroGradCheck(every=2, max_params=1)
+    guard = sg.Guard(model, opt, hooks=[checker], sinks=[], check_every=10, strict=True)
+    assert [n for n, _ in checker._watched] == ["spare.weight"]
+    for _ in range(10):
+        nn.functional.mse_loss(model(x), y).backward()  # and no zero_grad
+        opt.step()
+    guard.close()
+    assert [n for n, _ in checker._watched] != ["spare.weight"]
+    assert "grads_not_cleared" in kinds(guard)

@@ -15,13 +15,18 @@ from ..stats import CheckContext, StepContext
 
 __all__ = ["ZeroGradCheck"]
 
+# Watched parameters need a few elements: the comparison is about direction, and the elements at the
+# largest |grad| are left out (see on_before_step).
+_MIN_NUMEL = 4
+
 
 @register("zero_grad", default="monitor")
 class ZeroGradCheck(Hook):
     """Detect gradients that pile up across optimizer steps because ``optimizer.zero_grad()`` is missing.
 
     On sampled steps (every ``every`` optimizer steps) the check watches a few small parameters
-    (``max_params``, the smallest ones with at least two elements). Hooks on those parameters add up the
+    (``max_params``, the smallest ones with at least four elements; one that gets no gradient is
+    swapped for the next). Hooks on those parameters add up the
     fresh gradient of every backward that lands in ``.grad`` since the last optimizer step; a backward
     that finds ``.grad`` cleared (``None``, or all zero after ``zero_grad(set_to_none=False)``) starts
     the sum again. Right before the step, ``.grad`` must then equal that sum. If it holds more,
@@ -76,6 +81,7 @@ class ZeroGradCheck(Hook):
         self.add_state("interval_start", 0)
         self.add_state("total_flagged", 0)
         self._watched: list[tuple[str, nn.Parameter]] = []
+        self._spare: list[tuple[str, nn.Parameter]] = []
         self._sums: dict[int, Tensor] = {}
         self._incoming: dict[int, Tensor] = {}
         self._armed_step: int | None = None
@@ -98,12 +104,13 @@ class ZeroGradCheck(Hook):
         seen: set[int] = set()
         usable = []
         for n, p in candidates:
-            if id(p) in seen or not p.requires_grad or not p.is_leaf or p.numel() < 2:
+            if id(p) in seen or not p.requires_grad or not p.is_leaf or p.numel() < _MIN_NUMEL:
                 continue
             seen.add(id(p))
             usable.append((n, p))
         usable.sort(key=lambda np_: np_[1].numel())
         self._watched = usable[: self.max_params]
+        self._spare = usable[self.max_params :]
         if not self._restored:
             self.interval_start = guard.step
 
@@ -161,17 +168,29 @@ class ZeroGradCheck(Hook):
         if self._armed_step != ctx.step:
             return
         gs, ss, gg = [], [], []
+        idle = []
         for k, (_, p) in enumerate(self._watched):
             s = self._sums.get(k)
             if s is None or p.grad is None:
+                if p.grad is None:
+                    idle.append(k)
                 continue
             g = p.grad.detach().float()
             if g.shape != s.shape:
                 continue
+            # Leave out the elements at the largest |grad|: clip_grad_value_ puts every clamped element
+            # there, and the others still equal the sum exactly.
+            a = g.abs()
+            keep = a < a.amax()
+            g, s = g * keep, s * keep
             gs.append((g * s).sum())
             ss.append((s * s).sum())
             gg.append((g * g).sum())
         self._disarm()
+        for k in idle:
+            # A parameter that got no gradient (an unused module) tells nothing: watch another one.
+            if self._spare:
+                self._watched[k] = self._spare.pop(0)
         if not gs:
             return
         gs_t, ss_t, gg_t = torch.stack(gs).sum(), torch.stack(ss).sum(), torch.stack(gg).sum()
