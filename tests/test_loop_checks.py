@@ -184,7 +184,7 @@ def test_frozen_by_design_is_never_reported() -> None:
 
 def test_extra_learnable_tensor_beside_the_model_is_info() -> None:
     model = TwoLayer()
-    temperature = nn.Parameter(torch.ones(()))
+    temperature = nn.Parameter(torch.ones(32))  # shaped like l1.bias, yet the model is fully covered
     opt = torch.optim.SGD([*model.parameters(), temperature], lr=1e-2)
     guard = train(model, opt, [sg.StaleParams()], steps=5)
     (ev,) = of_kind(guard, "optimizer_params_not_in_model")
