@@ -185,7 +185,7 @@ class NonFinite(Hook):
             rows = np.asarray(v["layer_first"], dtype=np.float64).reshape(2, -1)
             per = rows[0 if origin == _GRADS else 1]
             names = [*self._slot_names, "(added after attach)"]
-            hits = np.flatnonzero(per == per.min()) if np.isfinite(per).any() else []
+            hits = np.flatnonzero(per == earliest)  # none when only the total norm overflowed
             layer = names[int(hits[0])] if len(hits) else None  # slots are in model order
         first_step = int(start + earliest)
         seen = {WHERE[k]: int(start + first[k]) for k in range(len(WHERE)) if math.isfinite(first[k])}
