@@ -19,9 +19,12 @@ from .hooks import (
     GradientClipper,
     GradNormMonitor,
     LRAutoReducer,
+    NonFinite,
     NonFiniteGradientError,
     PlateauDetector,
     SkippedSteps,
+    StaleParams,
+    ZeroGradCheck,
 )
 from .registry import available, create, default_hooks, register
 from .sinks import CallableSink, JSONLSink, LoggingSink, MemorySink, Sink, TensorBoardSink, read_jsonl
@@ -49,6 +52,7 @@ __all__ = [
     "LRAutoReducer",
     "LoggingSink",
     "MemorySink",
+    "NonFinite",
     "NonFiniteGradientError",
     "Observation",
     "PlateauDetector",
@@ -56,10 +60,12 @@ __all__ = [
     "Severity",
     "Sink",
     "SkippedSteps",
+    "StaleParams",
     "StepContext",
     "TensorBoardSink",
     "TrainingInterrupted",
     "UpdateNorms",
+    "ZeroGradCheck",
     "__version__",
     "available",
     "create",
