@@ -18,10 +18,12 @@ from .hooks import (
     DeadReLUCounter,
     GradientClipper,
     GradNormMonitor,
+    InputStats,
     LRAutoReducer,
     NonFiniteGradientError,
     PlateauDetector,
     SkippedSteps,
+    TargetStats,
 )
 from .registry import available, create, default_hooks, register
 from .sinks import CallableSink, JSONLSink, LoggingSink, MemorySink, Sink, TensorBoardSink, read_jsonl
@@ -45,6 +47,7 @@ __all__ = [
     "GradientClipper",
     "Guard",
     "Hook",
+    "InputStats",
     "JSONLSink",
     "LRAutoReducer",
     "LoggingSink",
@@ -57,6 +60,7 @@ __all__ = [
     "Sink",
     "SkippedSteps",
     "StepContext",
+    "TargetStats",
     "TensorBoardSink",
     "TrainingInterrupted",
     "UpdateNorms",
