@@ -254,11 +254,11 @@ class InputStats(Hook):
             std=g_std,
             reasons=why,
             features=idx[:_LIST].tolist(),
-            n_flagged=int(len(idx)),
-            n_features=int(len(seen)),
+            n_flagged=len(idx),
+            n_features=len(seen),
             fraction=len(idx) / len(seen),
             worst={
-                int(i): {"mean": float(mean[i]), "std": float(std[i]), "min": float(lo[i]), "max": float(hi[i])}
+                str(int(i)): {"mean": float(mean[i]), "std": float(std[i]), "min": float(lo[i]), "max": float(hi[i])}
                 for i in worst
             },
             looks_like_pixels=pixels,
@@ -282,7 +282,7 @@ class InputStats(Hook):
             return
         self.reported = [*self.reported, key]
         idx = np.flatnonzero(constant)
-        values = {int(i): float(mean[i]) for i in idx[:_LIST]}
+        values = {str(int(i)): float(mean[i]) for i in idx[:_LIST]}
         if no_signal:
             message = (
                 f"{n_const} of {len(constant)} input features never changed over {int(count.max())} samples: "
@@ -298,7 +298,7 @@ class InputStats(Hook):
             confidence=0.8 if no_signal else None,
             features=idx[:_LIST].tolist(),
             n_constant=n_const,
-            n_features=int(len(constant)),
+            n_features=len(constant),
             fraction=fraction,
             values=values,
             samples=int(count.max()),
@@ -323,7 +323,7 @@ class InputStats(Hook):
             nan=int(nan),
             inf=int(inf),
             features=features[:_LIST].tolist(),
-            per_feature={int(i): int(per[i]) for i in features[:_LIST]},
+            per_feature={str(int(i)): int(per[i]) for i in features[:_LIST]},
         )
 
     # ----------------------------------------------------------------- device side

@@ -254,10 +254,9 @@ class TargetStats(Hook):
         v = check.values
         if self.n_classes is None or "labels" not in v or self.task == "regression":
             return
-        if self.task == "binary?":
-            if float(v["nonbinary"]) > 0:
-                self.task = "regression"  # float targets other than 0/1: not a binary classification
-                return
+        if self.task == "binary?" and float(v["nonbinary"]) > 0:
+            self.task = "regression"  # float targets other than 0/1: not a binary classification
+            return
         oor = float(v["out_of_range"])
         if oor > self.out_of_range_seen:
             self._report_out_of_range(v, oor)
