@@ -58,9 +58,10 @@ class TargetStats(Hook):
     * ``labels_out_of_range`` (error): labels below 0 or at or above the number of outputs;
     * ``class_imbalance`` (warning, once): after ``min_samples`` labels, the largest class holds at
       least ``imbalance_ratio`` times the smallest class seen (at most ``max_classes`` classes);
-    * ``predictions_collapsed`` (warning): over ``collapse_patience`` consecutive check intervals, at
-      least ``collapse_fraction`` of the predictions fall on one class and the other classes get less
-      than a tenth of the predictions their label share would give them;
+    * ``predictions_collapsed`` (warning, once per episode): in every check interval of the last
+      ``collapse_patience`` steps or more, at least ``collapse_fraction`` of the predictions fall on
+      one class and the other classes get less than a tenth of the predictions their label share would
+      give them (a fresh model often predicts one class for a few dozen steps before it learns);
     * ``loss_at_chance`` (warning): the median training loss of each of five consecutive blocks of the
       last ``patience`` observed losses lies within ``margin`` (relative) of the chance level, the
       entropy of the label distribution in nats: the loss of a model that predicts the label
@@ -77,7 +78,7 @@ class TargetStats(Hook):
         max_classes: Above this many classes (token vocabularies, which are skewed by nature) the
             imbalance is not judged.
         collapse_fraction: Share of predictions on one class that counts as collapsed.
-        collapse_patience: Consecutive check intervals the collapse must last.
+        collapse_patience: Optimizer steps the collapse must last, over whole check intervals.
         margin: Relative distance from the chance level that counts as "at chance".
         patience: Observed losses (steps) the loss must stay at chance.
         ignore_index: A label value that marks positions to ignore (as in ``cross_entropy``).
@@ -111,7 +112,7 @@ class TargetStats(Hook):
         min_samples: int = 500,
         max_classes: int = 100,
         collapse_fraction: float = 0.95,
-        collapse_patience: int = 2,
+        collapse_patience: int = 100,
         margin: float = 0.05,
         patience: int = 200,
         ignore_index: int = -100,
@@ -135,7 +136,8 @@ class TargetStats(Hook):
         self.add_state("n_classes", None)
         self.add_state("reported", [])
         self.add_state("out_of_range_seen", 0.0)
-        self.add_state("collapsed_checks", 0)
+        self.add_state("collapse_start", None)
+        self.add_state("last_check", 0)
         self.add_state("collapse_reported", False)
         self.add_state("chance_reported", False)
         self.add_state("imbalance", None)
@@ -252,6 +254,7 @@ class TargetStats(Hook):
     # ----------------------------------------------------------------- check points
     def on_check(self, check: CheckContext) -> None:
         v = check.values
+        start, self.last_check = self.last_check, check.step
         if self.n_classes is None or "labels" not in v or self.task == "regression":
             return
         if self.task == "binary?" and float(v["nonbinary"]) > 0:
@@ -265,7 +268,15 @@ class TargetStats(Hook):
         if counts.sum() <= 0:
             return
         imbalanced = self._check_imbalance(counts)
-        self._check_collapse(v, imbalanced)
+        chance = _entropy(counts)
+        loss = math.nan
+        if check.guard.has_series("loss"):
+            steps, values = check.guard.series("loss").steps, check.guard.series("loss").values
+            recent = values[steps >= start]
+            # The mean, not the median: per-batch losses of a stuck model are skewed (batches with few
+            # minority samples score low), and their mean is what equals the chance level.
+            loss = float(np.mean(recent)) if len(recent) else math.nan
+        self._check_collapse(v, imbalanced, start, check.step, loss, chance)
         self._check_chance(check, counts, imbalanced)
 
     def _report_out_of_range(self, v: dict[str, Any], total: float) -> None:
@@ -315,7 +326,9 @@ class TargetStats(Hook):
             )
         return True
 
-    def _check_collapse(self, v: dict[str, Any], imbalanced: bool) -> None:
+    def _check_collapse(
+        self, v: dict[str, Any], imbalanced: bool, start: int, step: int, loss: float, chance: float
+    ) -> None:
         preds = np.asarray(v["window_preds"], dtype=np.float64).reshape(-1)
         labels = np.asarray(v["window_labels"], dtype=np.float64).reshape(-1)
         n = preds.sum()
@@ -329,21 +342,26 @@ class TargetStats(Hook):
             share >= self.collapse_fraction
             and (1.0 - share) < 0.1 * others
             and others * labels.sum() >= 10  # enough samples of the other classes to tell
+            # A loss clearly below chance means the probabilities already tell the classes apart: a
+            # model learning a rare class predicts the majority for a while and is not stuck.
+            and not loss < (1.0 - self.margin) * chance
         )
         if not collapsed:
-            self.collapsed_checks = 0
+            self.collapse_start = None
             self.collapse_reported = False
             return
-        self.collapsed_checks += 1
-        if self.collapsed_checks < self.collapse_patience or self.collapse_reported:
+        if self.collapse_start is None:
+            self.collapse_start = start  # the interval that just ended began there
+        lasted = step - self.collapse_start
+        if lasted < self.collapse_patience or self.collapse_reported:
             return
         self.collapse_reported = True
         cause = "class_imbalance" if imbalanced else "no_signal"
         self.emit(
             "predictions_collapsed",
             "warning",
-            f"{share:.1%} of the predictions over the last {self.collapsed_checks} check interval(s) are class "
-            f"{top}, which holds {label_share:.1%} of the labels",
+            f"{share:.1%} of the predictions of the last check interval are class {top} (collapsed for {lasted} steps); "
+            f"it holds {label_share:.1%} of the labels",
             causes=(cause,),
             confidence=0.8,
             predicted_class=top,
@@ -352,8 +370,11 @@ class TargetStats(Hook):
             samples=int(n),
             pred_counts=[int(x) for x in preds[: self.max_classes]],
             label_counts=[int(x) for x in labels[: self.max_classes]],
-            checks=self.collapsed_checks,
+            since_step=self.collapse_start,
+            steps=lasted,
             imbalanced=imbalanced,
+            loss=loss,
+            chance=chance,
         )
 
     def _check_chance(self, check: CheckContext, counts: np.ndarray, imbalanced: bool) -> None:
