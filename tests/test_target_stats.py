@@ -60,7 +60,7 @@ def test_imbalanced_labels_and_a_collapsed_model() -> None:
     (col,) = events_of(guard, "predictions_collapsed")
     assert col.causes == ("class_imbalance",) and col.data["predicted_class"] == 0 and col.data["steps"] >= 100
     assert col.data["fraction"] >= 0.95 and col.data["label_fraction"] < col.data["fraction"]
-    assert [d.cause for d in guard.diagnose()][0] == "class_imbalance"
+    assert guard.diagnose()[0].cause == "class_imbalance"
 
 
 def test_imbalanced_labels_that_are_learned_do_not_collapse() -> None:

@@ -360,8 +360,8 @@ class TargetStats(Hook):
         self.emit(
             "predictions_collapsed",
             "warning",
-            f"{share:.1%} of the predictions of the last check interval are class {top} (collapsed for {lasted} steps); "
-            f"it holds {label_share:.1%} of the labels",
+            f"{share:.1%} of the predictions of the last check interval are class {top} (collapsed for "
+            f"{lasted} steps); it holds {label_share:.1%} of the labels",
             causes=(cause,),
             confidence=0.8,
             predicted_class=top,
