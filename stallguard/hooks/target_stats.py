@@ -62,7 +62,7 @@ class TargetStats(Hook):
       ``collapse_patience`` steps or more, at least ``collapse_fraction`` of the predictions fall on
       one class and the other classes get less than a tenth of the predictions their label share would
       give them (a fresh model often predicts one class for a few dozen steps before it learns);
-    * ``loss_at_chance`` (warning): the median training loss of each of five consecutive blocks of the
+    * ``loss_at_chance`` (warning): the mean training loss of each of five consecutive blocks of the
       last ``patience`` observed losses lies within ``margin`` (relative) of the chance level, the
       entropy of the label distribution in nats: the loss of a model that predicts the label
       frequencies whatever the input. It assumes a mean cross-entropy (or binary cross-entropy) loss
@@ -387,16 +387,18 @@ class TargetStats(Hook):
         chance = _entropy(counts)
         if chance <= 0:
             return
+        # Block means, not medians: per-batch losses are skewed when the labels are imbalanced (batches
+        # with few minority samples score low), and it is their mean that equals the chance level.
         blocks = np.array_split(losses, 5)
-        medians = [float(np.median(b)) for b in blocks]
-        at = all(math.isfinite(m) and abs(m - chance) <= self.margin * chance for m in medians)
+        means = [float(np.mean(b)) for b in blocks]
+        at = all(math.isfinite(m) and abs(m - chance) <= self.margin * chance for m in means)
         if not at:
             self.chance_reported = False
             return
         if self.chance_reported:
             return
         self.chance_reported = True
-        level = float(np.median(losses))
+        level = float(np.mean(losses))
         cause = "class_imbalance" if imbalanced else "no_signal"
         self.emit(
             "loss_at_chance",
@@ -408,7 +410,7 @@ class TargetStats(Hook):
             loss=level,
             chance=chance,
             margin=self.margin,
-            block_medians=medians,
+            block_means=means,
             steps=self.patience,
             num_classes=int(self.n_classes or 0),
             imbalanced=imbalanced,
