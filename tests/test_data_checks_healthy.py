@@ -66,3 +66,38 @@ def test_diagnosis_names_no_signal_first_on_random_labels() -> None:
     found = guard.diagnose()
     assert found[0].cause == "no_signal"
     assert any("chance" in line for line in found[0].evidence)
+
+
+def _count_syncs(hooks: list[sg.Hook]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = sg.Guard(model, opt, hooks=hooks, sinks=[], check_every=1000, strict=True)
+    g = torch.Generator().manual_seed(0)
+    batch = images("raw")
+
+    def step(i: int) -> None:
+        x, y = batch(g)
+        if i == 5:
+            x[0, 0, 0, 0] = float("nan")
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        guard.observe(loss, inputs=x, outputs=out, targets=y)
+        opt.step()
+
+    step(0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(1, 9):
+            step(i)
+    guard.close()
+    return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+
+
+def test_no_host_sync_on_steps_between_check_points() -> None:
+    # Every observation sampled, a NaN in the inputs: still no host read of a device value.
+    hooks = [sg.InputStats(warmup=100, every=1), sg.TargetStats(every=1)]
+    assert _count_syncs(hooks) == _count_syncs([])
