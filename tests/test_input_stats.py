@@ -77,6 +77,7 @@ def test_constant_inputs_carry_no_signal() -> None:
     assert e.severity == sg.Severity.WARNING and e.causes == ("no_signal",)
     assert e.data["n_constant"] == 16 and e.data["fraction"] == 1.0
     assert "inputs_unnormalized" not in kinds(guard)  # 0.5 everywhere is on a fine scale
+    assert [d.cause for d in guard.diagnose()] == ["no_signal"]
 
 
 def test_a_few_constant_border_pixels_are_only_info() -> None:
