@@ -21,6 +21,7 @@ from .hooks import (
     LRAutoReducer,
     NonFiniteGradientError,
     PlateauDetector,
+    Regularization,
     SkippedSteps,
 )
 from .registry import available, create, default_hooks, register
@@ -52,6 +53,7 @@ __all__ = [
     "NonFiniteGradientError",
     "Observation",
     "PlateauDetector",
+    "Regularization",
     "Series",
     "Severity",
     "Sink",

@@ -14,6 +14,7 @@ from .dead_relu import ActivationProbe, DeadReLUCounter  # noqa: E402
 from .grad_norm import GradNormMonitor  # noqa: E402
 from .lr_reducer import LRAutoReducer  # noqa: E402
 from .plateau import PlateauDetector  # noqa: E402
+from .regularization import Regularization  # noqa: E402
 from .skipped_steps import SkippedSteps  # noqa: E402
 
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "LRAutoReducer",
     "NonFiniteGradientError",
     "PlateauDetector",
+    "Regularization",
     "SkippedSteps",
 ]

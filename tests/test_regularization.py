@@ -1,0 +1,129 @@
+"""Regularization on small real training runs: heavy weight decay, heavy AdamW decay, a hand-written L2 term."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import stallguard as sg
+from tests.helpers import regression_data
+
+
+def deep_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+
+
+def train(
+    make_opt, *, l2: float = 0.0, steps: int = 200, hooks: list[sg.Hook] | None = None, check_every: int = 50
+) -> sg.Guard:
+    """Mini-batch regression with a learnable target; ``l2`` adds ``l2 * sum(w ** 2)`` to the loss by hand."""
+    x, y = regression_data(n=256)
+    torch.manual_seed(0)
+    model = deep_mlp()
+    opt = make_opt(model.parameters())
+    guard = sg.Guard(model, opt, hooks=hooks, sinks=[], check_every=check_every, strict=True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+        if l2:
+            loss = loss + l2 * sum((p**2).sum() for p in model.parameters())
+        opt.zero_grad()
+        loss.backward()
+        guard.observe(loss)
+        opt.step()
+    guard.close()
+    return guard
+
+
+def over_reg(guard: sg.Guard) -> list[sg.Event]:
+    return [e for e in guard.events if e.kind == "over_regularization"]
+
+
+HEAVY = {
+    "sgd_weight_decay_1": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1.0), 0.0),
+    "adamw_weight_decay_10": (lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=10.0), 0.0),
+    "hand_written_l2_1": (lambda p: torch.optim.SGD(p, lr=0.05), 1.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEAVY))
+def test_heavy_regularization_is_reported_and_diagnosed_first(case: str) -> None:
+    make_opt, l2 = HEAVY[case]
+    guard = train(make_opt, l2=l2)  # the default hooks, as a user gets them
+    events = over_reg(guard)
+    assert events, [e.kind for e in guard.events]
+    e = events[0]
+    assert e.severity == sg.Severity.WARNING and e.causes == ("over_regularization",)
+    assert e.data["weight_norm_ratio"] < 0.9
+    assert e.data["layer_fraction"] >= 0.5 and e.data["layers"]
+    if case == "hand_written_l2_1":
+        assert e.data["by"] == "gradient" and e.data["cosine"] > 0.9
+    else:
+        assert e.data["by"] == "decay_share" and e.data["share"] >= 0.25
+        assert list(e.data["weight_decay"]) == [1.0 if case.startswith("sgd") else 10.0]
+        assert e.data["decoupled"] is case.startswith("adamw")
+    found = guard.diagnose()
+    assert found and found[0].cause == "over_regularization", [(d.cause, d.confidence) for d in found]
+
+
+def test_reported_once_per_episode() -> None:
+    guard = train(HEAVY["hand_written_l2_1"][0], l2=1.0, steps=300, hooks=[sg.Regularization()], check_every=20)
+    assert len(over_reg(guard)) == 1
+    assert guard.hook("regularization").reports == 1
+
+
+def test_decoupled_decay_is_read_from_the_update_not_the_gradient() -> None:
+    # AdamW's decay is not in p.grad: the gradient test alone sees nothing, the decay share does.
+    guard = train(HEAVY["adamw_weight_decay_10"][0], hooks=[sg.Regularization(cos_threshold=1.0)])
+    (e,) = over_reg(guard)[:1]
+    assert e.data["decoupled"] is True and e.data["share"] > 0.5
+
+
+def test_adam_coupled_decay_is_in_the_effective_gradient() -> None:
+    guard = train(lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=10.0), hooks=[sg.Regularization()])
+    events = over_reg(guard)
+    assert events and events[0].data["decoupled"] is False
+
+
+def test_state_dict_round_trip() -> None:
+    guard = train(HEAVY["hand_written_l2_1"][0], l2=1.0, steps=60, hooks=[sg.Regularization()], check_every=20)
+    hook = guard.hook("regularization")
+    state = hook.state_dict()
+    assert state["active"] is True and state["reports"] == 1
+    assert state["weight_start"].shape == (3,)
+    fresh = sg.Regularization()
+    fresh.load_state_dict(state)  # before attach: kept until the layer states exist
+    model = deep_mlp()
+    g2 = sg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), hooks=[fresh], sinks=[])
+    after = fresh.state_dict()
+    assert after["active"] is True and after["reports"] == 1
+    torch.testing.assert_close(after["weight_start"], state["weight_start"])
+    g2.close()
+    saved = {"hooks": guard.state_dict()}
+    torch.save(saved, buf := __import__("io").BytesIO())
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["hooks"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "text"),
+    [
+        ({"cos_threshold": 1.5}, ValueError, "cos_threshold must be <= 1.0"),
+        ({"share_threshold": 0}, ValueError, "share_threshold must be > 0.0"),
+        ({"share_threshold": "high"}, TypeError, "share_threshold must be a number"),
+        ({"layer_fraction": 1.2}, ValueError, "layer_fraction must be <= 1.0"),
+        ({"shrink_ratio": -1}, ValueError, "shrink_ratio must be > 0.0"),
+        ({"every": 0}, ValueError, "every must be an int >= 1"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, error: type, text: str) -> None:
+    with pytest.raises(error, match=text) as info:
+        sg.Regularization(**kwargs)
+    assert "Regularization" in str(info.value)
+
+
+def test_registered_as_default_monitor() -> None:
+    assert type(sg.create("regularization")) is sg.Regularization
+    assert any(isinstance(h, sg.Regularization) for h in sg.default_hooks())
