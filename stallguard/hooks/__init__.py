@@ -13,6 +13,7 @@ from .clipper import GradientClipper, NonFiniteGradientError  # noqa: E402
 from .dead_relu import ActivationProbe, DeadReLUCounter  # noqa: E402
 from .grad_norm import GradNormMonitor  # noqa: E402
 from .lr_reducer import LRAutoReducer  # noqa: E402
+from .overfit import Overfit  # noqa: E402
 from .plateau import PlateauDetector  # noqa: E402
 from .regularization import Regularization  # noqa: E402
 from .skipped_steps import SkippedSteps  # noqa: E402
@@ -24,6 +25,7 @@ __all__ = [
     "GradientClipper",
     "LRAutoReducer",
     "NonFiniteGradientError",
+    "Overfit",
     "PlateauDetector",
     "Regularization",
     "SkippedSteps",
