@@ -26,9 +26,9 @@ class Overfit(Hook):
     validation without improvement. After ``patience`` validations without improvement
     (``wait >= patience``, as every early stopper counts), the validation has *risen* when the median
     of those last ``patience`` validations is worse by more than ``min_delta`` than the level at the
-    best, the median of the ``patience`` validations that end with the best (the best single value of
-    a flat, noisy stretch is a lucky low that later values miss; a stall is the plateau detector's
-    business, not overfitting). Overfitting also needs the training
+    best, the median of the ``patience`` validations centred on the best (the best single value of a
+    noisy curve is a lucky low that later values miss). Set ``min_delta`` to the noise of the
+    validation metric: a flat curve whose noise exceeds it can read as a rise. Overfitting also needs the training
     loss to fall over the same stretch: the median of the training losses observed during the
     ``patience`` validation intervals before the best validation, against the median of those
     during the last ``patience`` intervals (the medians smooth the noisy per-batch loss over the
@@ -146,11 +146,12 @@ class Overfit(Hook):
         self.recent.append(value)
         if self.wait < self.patience or self.reported:
             return None
-        # The recent level against the level at the best (the median of the patience validations ending
-        # there), not against the best single value: on a flat, noisy stretch the best is a lucky low
+        # The recent level against the level at the best (the median of the patience validations
+        # centred on it), not against the best single value: on a noisy curve the best is a lucky low
         # that most later values miss, which is no rise.
         last = float(np.median(self.recent[-self.patience :]))
-        around = np.asarray(self.val_values[max(0, self.best_index - self.patience + 1) : self.best_index + 1])
+        lo = max(0, self.best_index - (self.patience - 1) // 2)
+        around = np.asarray(self.val_values[lo : lo + self.patience])
         level = float(np.median(around[np.isfinite(around)]))
         rose = last > level + self.min_delta if self.mode == "min" else last < level - self.min_delta
         if not rose:
