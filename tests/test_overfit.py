@@ -106,9 +106,11 @@ def test_counts_patience_in_validations_keras_style() -> None:
 
 def test_min_delta_decides_what_counts_as_better_and_as_a_rise() -> None:
     vals = [1.0, 0.8, 0.6, 0.62, 0.63, 0.64, 0.63, 0.64]
-    guard, _ = stream(vals, hook=sg.Overfit(patience=3))
+    guard, _ = stream(vals, hook=sg.Overfit(patience=3, noise_z=0))  # min_delta alone decides
     assert overfitting(guard)
-    guard, _ = stream(vals, hook=sg.Overfit(patience=3, min_delta=0.1))
+    guard, _ = stream(vals, hook=sg.Overfit(patience=3, min_delta=0.1, noise_z=0))
+    assert not overfitting(guard)
+    guard, _ = stream(vals, hook=sg.Overfit(patience=3))  # a rise of 0.03 after steps of 0.2 is within the noise
     assert not overfitting(guard)
 
 
@@ -118,7 +120,7 @@ def test_noise_within_min_delta_is_not_a_rise() -> None:
     vals = [max(1.0 - 0.1 * i, 0.5) + noise[i] for i in range(40)]
     guard, _ = stream(vals, hook=sg.Overfit(patience=3, min_delta=0.05))
     assert not overfitting(guard)
-    rising = [v + max(0, i - 20) * 0.03 for i, v in enumerate(vals)]  # the same noise on a real rise
+    rising = [v + max(0, i - 20) * 0.05 for i, v in enumerate(vals)]  # the same noise on a real rise
     guard, _ = stream(rising, hook=sg.Overfit(patience=3, min_delta=0.05))
     assert overfitting(guard)
 
@@ -189,6 +191,7 @@ def test_state_dict_round_trip_resumes_the_count() -> None:
         ({"train_min_delta": 1.0}, ValueError, "train_min_delta must be < 1.0"),
         ({"warmup": -1}, ValueError, "warmup must be an int >= 0"),
         ({"stop": "yes"}, TypeError, "stop must be a bool"),
+        ({"noise_z": -1}, ValueError, "noise_z must be >= 0.0"),
     ],
 )
 def test_bad_arguments(kwargs: dict, error: type, text: str) -> None:

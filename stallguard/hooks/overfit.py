@@ -27,8 +27,9 @@ class Overfit(Hook):
     (``wait >= patience``, as every early stopper counts), the validation has *risen* when the median
     of those last ``patience`` validations is worse by more than ``min_delta`` than the level at the
     best, the median of the ``patience`` validations centred on the best (the best single value of a
-    noisy curve is a lucky low that later values miss). Set ``min_delta`` to the noise of the
-    validation metric: a flat curve whose noise exceeds it can read as a rise. Overfitting also needs the training
+    noisy curve is a lucky low that later values miss), and by more than ``noise_z`` standard
+    deviations of the validation noise (a flat but noisy curve does not rise; a steady rise does,
+    however small its steps). Overfitting also needs the training
     loss to fall over the same stretch: the median of the training losses observed during the
     ``patience`` validation intervals before the best validation, against the median of those
     during the last ``patience`` intervals (the medians smooth the noisy per-batch loss over the
@@ -48,6 +49,9 @@ class Overfit(Hook):
         train_monitor: The training-loss stream (lower is better).
         train_min_delta: Relative fall of the smoothed training loss required (0: any fall).
         warmup: Validations at the start that never count (Keras ``start_from_epoch``).
+        noise_z: The rise must also exceed this many standard deviations of the validation noise,
+            estimated from the scatter of successive validations around their trend since shortly
+            before the best; 0 turns this test off (then ``min_delta`` alone decides).
         stop: Ask the training loop to stop when overfitting is found.
         **kwargs: ``every``, ``start_step``, ``name`` (see :class:`~stallguard.Hook`).
 
@@ -78,6 +82,7 @@ class Overfit(Hook):
         train_monitor: str = "loss",
         train_min_delta: float = 0.0,
         warmup: int = 0,
+        noise_z: float = 3.0,
         stop: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -95,6 +100,7 @@ class Overfit(Hook):
         self.min_delta = check_float(owner, "min_delta", min_delta, min=0.0)
         self.train_min_delta = check_float(owner, "train_min_delta", train_min_delta, min=0.0, max=1.0, max_open=True)
         self.warmup = check_int(owner, "warmup", warmup, min=0)
+        self.noise_z = check_float(owner, "noise_z", noise_z, min=0.0)
         self.stop = check_type(owner, "stop", stop, bool, "a bool")
         # Host state only.
         self.add_state("consumed", 0)  # values of the monitored series already read (Series.total)
@@ -153,7 +159,9 @@ class Overfit(Hook):
         lo = max(0, self.best_index - (self.patience - 1) // 2)
         around = np.asarray(self.val_values[lo : lo + self.patience])
         level = float(np.median(around[np.isfinite(around)]))
-        rose = last > level + self.min_delta if self.mode == "min" else last < level - self.min_delta
+        noise = self._noise()
+        margin = max(self.min_delta, self.noise_z * noise)
+        rose = last > level + margin if self.mode == "min" else last < level - margin
         if not rose:
             return None
         trend = self._train_trend(check)
@@ -168,12 +176,28 @@ class Overfit(Hook):
             "val_now": value,
             "val_recent": last,
             "best_level": level,
+            "noise": noise,
             "val_step": step,
             "validations_since_best": self.wait,
             "patience": self.patience,
             "min_delta": self.min_delta,
             **trend,
         }
+
+    def _noise(self) -> float:
+        """The scatter of single validations around their trend, from the stretch around the best.
+
+        Successive differences remove the level; their median absolute deviation removes a steady
+        trend (a steady rise has near-constant differences) and ignores a few outliers. For
+        independent noise of standard deviation s the differences have s * sqrt(2).
+        """
+        lo = max(0, (self.best_index or 0) - self.patience)
+        vals = np.asarray(self.val_values[lo:], dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        if len(vals) < 3:
+            return 0.0
+        d = np.diff(vals)
+        return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2.0))
 
     def _train_trend(self, check: CheckContext) -> dict[str, Any] | None:
         """Smoothed training loss over the ``patience`` validation intervals up to the best, and the last ones."""
