@@ -127,3 +127,45 @@ def test_bad_arguments(kwargs: dict, error: type, text: str) -> None:
 def test_registered_as_default_monitor() -> None:
     assert type(sg.create("regularization")) is sg.Regularization
     assert any(isinstance(h, sg.Regularization) for h in sg.default_hooks())
+
+
+# ----------------------------------------------------------------------------- no host syncs per step
+def host_reads(hooks: list[sg.Hook], make_opt) -> int:
+    """Host reads of device values during 6 sampled steps with no check point among them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, y = regression_data(n=64)
+    torch.manual_seed(0)
+    model = deep_mlp()
+    opt = make_opt(model.parameters())
+    guard = sg.Guard(model, opt, hooks=hooks, sinks=[], check_every=1000, strict=True) if hooks else None
+
+    def step() -> None:
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if guard is not None:
+            guard.observe(loss)
+        opt.step()
+
+    for _ in range(3):  # the first steps build cached index tensors and optimizer state
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(6):
+            step()
+    if guard is not None:
+        guard.close()
+    return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=5e-4),
+        lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01),
+        lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.01),
+    ],
+    ids=["sgd_coupled", "adamw_decoupled", "adam_coupled"],
+)
+def test_no_host_sync_on_sampled_steps(make_opt) -> None:
+    assert host_reads([sg.Regularization(every=1)], make_opt) == host_reads([], make_opt)
