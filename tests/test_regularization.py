@@ -169,3 +169,27 @@ def host_reads(hooks: list[sg.Hook], make_opt) -> int:
 )
 def test_no_host_sync_on_sampled_steps(make_opt) -> None:
     assert host_reads([sg.Regularization(every=1)], make_opt) == host_reads([], make_opt)
+
+
+def test_frozen_layers_and_mixed_param_groups() -> None:
+    # A frozen first layer (no gradient) must not read as shrunk weights; typical decay on one group and
+    # none on the other stays quiet, heavy AdamW decay on the trained layers is still found.
+    for wd, expect in ((0.01, False), (10.0, True)):
+        x, y = regression_data(n=256)
+        torch.manual_seed(0)
+        model = deep_mlp()
+        model[0].weight.requires_grad_(False)
+        decay = [p for n, p in model.named_parameters() if n.endswith("weight") and n != "0.weight"]
+        rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}], lr=1e-2)
+        guard = sg.Guard(model, opt, hooks=[sg.Regularization()], sinks=[], check_every=50, strict=True)
+        for _ in range(150):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            guard.observe(loss)
+            opt.step()
+        guard.close()
+        assert bool(over_reg(guard)) is expect, (wd, [e.message for e in guard.events])
+        if expect:
+            assert "0.weight" not in over_reg(guard)[0].data["layers"]

@@ -116,15 +116,20 @@ class Regularization(Hook):
         self._layouts: dict[tuple[int, tuple[str, ...]], _Layout] = {}
         self._decay_seen: dict[str, Any] = {}
         self._pending: tuple[Any, ...] | None = None
+        self._indices: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
     # ----------------------------------------------------------------- attach: slots and states
     def on_attach(self, guard: Any) -> None:
         kernels: dict[str, Tensor] = {}
         others: dict[str, Tensor] = {}
+        named: list[tuple[str, Tensor]] = []
         for i in range(len(guard.optimizers)):
             params, pnames = guard.optimizer_parameters(i)
-            for p, n in zip(params, pnames):
-                (kernels if p.dim() >= 2 else others).setdefault(n, p)
+            named += list(zip(pnames, params))
+        if not guard.optimizers and guard.module is not None:  # manual before_step/after_step
+            named = list(guard.module.named_parameters())
+        for n, p in named:
+            (kernels if p.dim() >= 2 else others).setdefault(n, p)
         # A model without matrices (a bias-only or 1-D model) is judged on all its parameters.
         self._kernels_only = bool(kernels)
         chosen = kernels or others
@@ -136,7 +141,7 @@ class Regularization(Hook):
         self.add_state("cos_sum", torch.zeros(n), reduce="mean", reset=True)
         self.add_state("share_sum", torch.zeros(n), reduce="mean", reset=True)
         self.add_state("count", torch.zeros(n), reduce="mean", reset=True)
-        self.add_state("weight_now", torch.zeros(n), reduce="mean")
+        self.add_state("weight_now", torch.full((n,), -1.0), reduce="mean")  # -1: never sampled (frozen)
         # The weights as the Guard found them: the reference for "the weights shrank" (device only).
         self.add_state("weight_start", torch.full((n,), -1.0), reduce="mean")  # -1: not seen yet
         if chosen:
@@ -248,7 +253,7 @@ class Regularization(Hook):
             weight = update.weight.index_select(0, positions).float()
             idx = [i for i, _ in dec]
             if len(idx) < len(layout.params):
-                sel = torch.tensor(idx, dtype=torch.long, device=delta.device)
+                sel = self._index(idx, delta.device)
                 delta, weight = delta.index_select(0, sel), weight.index_select(0, sel)
             decay = _coef([c for _, c in dec], delta) * weight
             dec_share = decay / (decay + delta).clamp_min(torch.finfo(torch.float32).tiny)
@@ -257,6 +262,14 @@ class Regularization(Hook):
             else:
                 share = dec_share
         self._accumulate(layout, cos, share, wn)
+
+    def _index(self, idx: list[int], device: torch.device) -> Tensor:
+        # Cached: building an index tensor on an accelerator is a blocking host-to-device copy.
+        key = (tuple(idx), device)
+        t = self._indices.get(key)
+        if t is None:
+            t = self._indices[key] = torch.tensor(idx, dtype=torch.long, device=device)
+        return t
 
     def _accumulate(self, layout: _Layout, cos: Tensor, share: Tensor, wn: Tensor) -> None:
         slots = layout.slots
@@ -280,7 +293,7 @@ class Regularization(Hook):
         names = [n for n, s in zip(self._slot_names, seen) if s]
         start = np.asarray(v["weight_start"], dtype=np.float64).reshape(-1)
         now = np.asarray(v["weight_now"], dtype=np.float64).reshape(-1)
-        known = start >= 0
+        known = (start >= 0) & (now >= 0)  # layers never sampled (no gradient) say nothing about shrinking
         start_norm = float(np.sqrt(np.sum(start[known] ** 2)))
         now_norm = float(np.sqrt(np.sum(now[known] ** 2)))
         ratio = now_norm / start_norm if start_norm > 0 else math.nan
