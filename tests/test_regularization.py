@@ -193,3 +193,15 @@ def test_frozen_layers_and_mixed_param_groups() -> None:
         assert bool(over_reg(guard)) is expect, (wd, [e.message for e in guard.events])
         if expect:
             assert "0.weight" not in over_reg(guard)[0].data["layers"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="diagnosis._explain lacks below('vanishing_gradients', 'over_regularization', ...): once the decay has "
+    "held the weights near zero long enough, the vanishing gradients it causes outrank it",
+)
+def test_long_run_ranks_the_decay_above_the_vanishing_gradients_it_causes() -> None:
+    guard = train(HEAVY["hand_written_l2_1"][0], l2=1.0, steps=1000)
+    causes = [d.cause for d in guard.diagnose()]
+    assert "vanishing_gradients" in causes  # the symptom is there ...
+    assert causes[0] == "over_regularization"  # ... and the root cause must rank above it
