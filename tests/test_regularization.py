@@ -205,3 +205,32 @@ def test_long_run_ranks_the_decay_above_the_vanishing_gradients_it_causes() -> N
     causes = [d.cause for d in guard.diagnose()]
     assert "vanishing_gradients" in causes  # the symptom is there ...
     assert causes[0] == "over_regularization"  # ... and the root cause must rank above it
+
+
+def test_guard_state_dict_round_trip_keeps_the_reference_weights() -> None:
+    import io
+
+    guard = train(HEAVY["hand_written_l2_1"][0], l2=1.0, steps=60, hooks=[sg.Regularization()], check_every=20)
+    buf = io.BytesIO()
+    torch.save(guard.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    model = deep_mlp()
+    resumed = sg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), hooks=[sg.Regularization()], sinks=[])
+    resumed.load_state_dict(state)
+    old, new = guard.hook("regularization"), resumed.hook("regularization")
+    torch.testing.assert_close(new.weight_start, old.weight_start)  # the reference of the first run, not this model's
+    assert (new.active, new.reports) == (True, 1)
+    resumed.close()
+
+
+def test_config_round_trip() -> None:
+    model = deep_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = [sg.Regularization(every=5, shrink_ratio=0.8), sg.Overfit("val_acc", mode="max", stop=True)]
+    guard = sg.Guard(model, opt, hooks=hooks, sinks=[])
+    config = guard.to_config()
+    guard.close()
+    again = sg.Guard.from_config(model, opt, config)
+    assert [h.get_config() for h in again.hooks] == [h.get_config() for h in hooks]
+    again.close()
