@@ -107,7 +107,7 @@ class Overfit(Hook):
         self.add_state("validations", 0)
         self.add_state("val_steps", [])  # step of every validation counted, for the train-loss windows
         self.add_state("val_values", [])  # and its value
-        self.add_state("recent", [])  # the validations since the best, oldest first
+        self.add_state("recent", [])  # the last patience validations since the best, oldest first
         self.add_state("best", None)
         self.add_state("best_step", None)
         self.add_state("best_index", None)  # position of the best in val_steps
@@ -149,7 +149,7 @@ class Overfit(Hook):
             self.reported = False
             return None
         self.wait += 1
-        self.recent.append(value)
+        self.recent = [*self.recent[-(self.patience - 1) :], value] if self.patience > 1 else [value]
         if self.wait < self.patience or self.reported:
             return None
         # The recent level against the level at the best (the median of the patience validations
