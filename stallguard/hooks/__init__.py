@@ -15,7 +15,9 @@ from .grad_norm import GradNormMonitor  # noqa: E402
 from .input_stats import InputStats  # noqa: E402
 from .lr_reducer import LRAutoReducer  # noqa: E402
 from .nonfinite import NonFinite  # noqa: E402
+from .overfit import Overfit  # noqa: E402
 from .plateau import PlateauDetector  # noqa: E402
+from .regularization import Regularization  # noqa: E402
 from .skipped_steps import SkippedSteps  # noqa: E402
 from .stale_params import StaleParams  # noqa: E402
 from .target_stats import TargetStats  # noqa: E402
@@ -30,7 +32,9 @@ __all__ = [
     "LRAutoReducer",
     "NonFinite",
     "NonFiniteGradientError",
+    "Overfit",
     "PlateauDetector",
+    "Regularization",
     "SkippedSteps",
     "StaleParams",
     "TargetStats",
