@@ -15,13 +15,17 @@ from .guard import Guard, Series
 from .hook import REDUCTIONS, Hook, TrainingInterrupted
 from .hooks import (
     ActivationProbe,
+    CapacityCheck,
     DeadReLUCounter,
     GradientClipper,
     GradNormMonitor,
+    InitCheck,
     LRAutoReducer,
     NonFiniteGradientError,
     PlateauDetector,
+    SaturationCheck,
     SkippedSteps,
+    UpdateRatio,
 )
 from .registry import available, create, default_hooks, register
 from .sinks import CallableSink, JSONLSink, LoggingSink, MemorySink, Sink, TensorBoardSink, read_jsonl
@@ -35,6 +39,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "ActivationProbe",
     "CallableSink",
+    "CapacityCheck",
     "CheckContext",
     "DeadReLUCounter",
     "Diagnosis",
@@ -45,6 +50,7 @@ __all__ = [
     "GradientClipper",
     "Guard",
     "Hook",
+    "InitCheck",
     "JSONLSink",
     "LRAutoReducer",
     "LoggingSink",
@@ -52,6 +58,7 @@ __all__ = [
     "NonFiniteGradientError",
     "Observation",
     "PlateauDetector",
+    "SaturationCheck",
     "Series",
     "Severity",
     "Sink",
@@ -60,6 +67,7 @@ __all__ = [
     "TensorBoardSink",
     "TrainingInterrupted",
     "UpdateNorms",
+    "UpdateRatio",
     "__version__",
     "available",
     "create",

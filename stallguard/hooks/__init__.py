@@ -9,20 +9,28 @@ import pkgutil
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
+from .capacity import CapacityCheck  # noqa: E402
 from .clipper import GradientClipper, NonFiniteGradientError  # noqa: E402
 from .dead_relu import ActivationProbe, DeadReLUCounter  # noqa: E402
 from .grad_norm import GradNormMonitor  # noqa: E402
+from .init_check import InitCheck  # noqa: E402
 from .lr_reducer import LRAutoReducer  # noqa: E402
 from .plateau import PlateauDetector  # noqa: E402
+from .saturation import SaturationCheck  # noqa: E402
 from .skipped_steps import SkippedSteps  # noqa: E402
+from .update_ratio import UpdateRatio  # noqa: E402
 
 __all__ = [
     "ActivationProbe",
+    "CapacityCheck",
     "DeadReLUCounter",
     "GradNormMonitor",
     "GradientClipper",
+    "InitCheck",
     "LRAutoReducer",
     "NonFiniteGradientError",
     "PlateauDetector",
+    "SaturationCheck",
     "SkippedSteps",
+    "UpdateRatio",
 ]
