@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SaturationCheck"]
 
+# A reported layer is reported again only after its fraction fell below this share of the threshold.
+_HYSTERESIS = 0.8
+
 
 @register("saturation", default="monitor")
 class SaturationCheck(Hook):
@@ -33,7 +36,8 @@ class SaturationCheck(Hook):
     nothing. Each hook counts, on the device, the inputs beyond the threshold; the host reads the
     counts at check points (one transfer for all hooks). A layer whose saturated fraction over the
     check interval is above ``threshold`` (DeepDiagnosis: 0.5) is reported in
-    ``saturated_activations``, once when it passes the threshold, again only after it recovered.
+    ``saturated_activations``, once when it passes the threshold, again only after it recovered
+    (fell below 0.8 times the threshold).
 
     A sigmoid whose output is the model's output (a final sigmoid feeding ``BCELoss``) is left
     out: one that is confidently right saturates on purpose. Forward passes in evaluation mode
@@ -130,7 +134,12 @@ class SaturationCheck(Hook):
         if not fractions:
             return
         self.fractions = fractions
-        over = [n for n, f in fractions.items() if f > self.threshold]
+        # A reported layer stays reported until it falls clearly below the threshold (no flapping).
+        over = [
+            n
+            for n, f in fractions.items()
+            if f > self.threshold or (n in self.over and f > _HYSTERESIS * self.threshold)
+        ]
         new = [n for n in over if n not in self.over]
         self.over = over
         if not new:
