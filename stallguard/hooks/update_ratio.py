@@ -25,7 +25,7 @@ _LR_RISE = 1.05
 # Sampled steps enough to report large updates (tiny ones need a full window).
 _MIN_HIGH = 3
 # During warm-up, only updates this many times ``high`` are reported.
-_EXTREME = 10.0
+_EXTREME = 2.0
 
 
 @register("update_ratio", default="monitor")
@@ -55,11 +55,13 @@ class UpdateRatio(Hook):
     Healthy SGD and Adam runs sit around 1e-4 to 1e-2 (the rule of thumb is ~1e-3); the defaults,
     1e-5 and 1e-1, are the band DeepDiagnosis uses for its learning-rate check, 100x either side of
     1e-3. Adam's first steps move each weight by about ``lr`` whatever the gradient, so ratios are
-    largest then, and an LR warm-up makes them smallest then: samples of the first ``warmup`` steps
-    never count towards ``update_ratio_low``, and towards ``update_ratio_high`` only when their
-    median is above ``10 * high`` (a step that changes the weights by as much as their size, as an
-    LR of 10 does at step 1, is wrong at any point; reporting it at once names the learning rate
-    before the run falls apart into dead units and NaN).
+    largest then (Adam's first step is exactly ``lr`` per element, ``lr / rms(w)`` as a ratio;
+    later ones are 1-10x smaller), and an LR warm-up makes them smallest then. So samples of the
+    first ``warmup`` steps never count towards ``update_ratio_low``, and towards
+    ``update_ratio_high`` only when their median is above ``2 * high``: an LR of 10 moves a small
+    MLP's weights by 30-50% of their size in its first steps and kills every ReLU within 20 steps;
+    reporting those first steps names the learning rate before the run falls apart into dead
+    units, NaN and, later, updates that are zero.
 
     Args:
         low: Report ``update_ratio_low`` when the median ratio is below this; > 0.
