@@ -23,12 +23,14 @@ def classification(n: int = 512, d: int = 16, classes: int = 4, seed: int = 1) -
 def xor(n: int = 64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Noisy XOR: no linear model does better than chance (loss ln 2)."""
     g = torch.Generator().manual_seed(seed)
-    bits = torch.randint(0, 2, (n, 2), generator=g).float()
+    bits = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]).repeat(n // 4, 1)  # balanced
     return bits + 0.05 * torch.randn(n, 2, generator=g), (bits[:, 0] != bits[:, 1]).float()[:, None]
 
 
 def mlp(d_in: int = 16, hidden: int = 32, d_out: int = 4) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out)
+    )
 
 
 class LSTMClassifier(nn.Module):
