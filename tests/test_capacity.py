@@ -7,8 +7,8 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_runs import kinds, mlp, small_cnn, train, xor
 from torch import nn
-from tiny_runs import classification, kinds, mlp, small_cnn, train, xor
 
 import stallguard as sg
 

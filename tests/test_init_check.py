@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from tiny_runs import classification, kinds, mlp, train
+from torch import nn
 
 import stallguard as sg
 

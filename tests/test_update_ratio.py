@@ -106,7 +106,7 @@ def test_state_dict_round_trip() -> None:
     other = sg.UpdateRatio(every=1, window=4, warmup=0)
     guard = sg.Guard(mlp(d_out=2), opt, hooks=[other], sinks=[])
     state["layers"] = ["a.weight"]
-    with pytest.raises(ValueError, match="UpdateRatio.load_state_dict: the saved weights"):
+    with pytest.raises(ValueError, match=r"UpdateRatio\.load_state_dict: the saved weights"):
         other.load_state_dict(state)
     guard.close()
 
