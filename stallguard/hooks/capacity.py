@@ -73,7 +73,7 @@ class CapacityCheck(Hook):
         >>> guard = sg.Guard(model, opt, hooks=[sg.CapacityCheck()], sinks=[])
         >>> model(torch.randn(4, 2)).sum().backward(); opt.step()
         >>> [(e.kind, e.data["reason"], e.data["layers"]) for e in guard.events]
-        [('capacity_limited', 'linear_model', ['0', '1'])]
+        [('capacity_limited', 'linear_model', ('0', '1'))]
         >>> guard.close()
     """
 

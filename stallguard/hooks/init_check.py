@@ -69,7 +69,7 @@ class InitCheck(Hook):
         Parameter containing:...
         >>> guard = sg.Guard(model, None, hooks=[sg.InitCheck()], sinks=[])
         >>> [(e.kind, e.data["problems"], e.data["layers"]) for e in guard.events]
-        [('bad_init', ['all_zero'], ['0.weight'])]
+        [('bad_init', ('all_zero',), ('0.weight',))]
         >>> guard.close()
     """
 

@@ -64,7 +64,7 @@ class SaturationCheck(Hook):
         ...     loss = model(torch.randn(32, 8)).pow(2).mean()
         ...     opt.zero_grad(); loss.backward(); opt.step()
         >>> [(e.kind, e.data["layers"]) for e in guard.events if e.kind == "saturated_activations"]
-        [('saturated_activations', ['1'])]
+        [('saturated_activations', ('1',))]
         >>> guard.close()
     """
 
