@@ -48,3 +48,19 @@ def test_healthy_run_is_quiet(name: str, optimizer) -> None:
     # The update ratio was measured, and sits in the healthy band.
     ratios = [e.data["median_ratio"] for e in guard.events if e.kind == "update_ratio"]
     assert ratios and all(1e-5 < r < 1e-1 for r in ratios)
+
+
+def test_config_round_trip_keeps_the_model_checks_arguments() -> None:
+    hooks = [
+        sg.InitCheck(scale_high=20.0),
+        sg.UpdateRatio(low=1e-6, every=5, warmup=0),
+        sg.SaturationCheck(threshold=0.6, every=3),
+        sg.CapacityCheck(min_params_per_output=0),
+    ]
+    guard = sg.Guard(mlp(), None, hooks=hooks, sinks=[])
+    config = guard.to_config()
+    guard.close()
+    rebuilt = sg.Guard.from_config(mlp(), None, config)
+    assert [h.get_config() for h in rebuilt.hooks] == [h.get_config() for h in hooks]
+    assert rebuilt.hooks[1].every == 5 and rebuilt.hooks[1].low == 1e-6 and rebuilt.hooks[2].threshold == 0.6
+    rebuilt.close()

@@ -101,6 +101,12 @@ class CapacityCheck(Hook):
                 self.reasons = [*self.reasons, reason]
                 self.emit("capacity_limited", "info", message, causes=("insufficient_capacity",), reason=reason, **data)
 
+    # ----------------------------------------------------------------- config
+    def get_config(self) -> dict[str, Any]:
+        # Only this hook's own arguments: it takes no cadence arguments from the base class.
+        config = super().get_config()
+        return {k: v for k, v in config.items() if k not in ("every", "start_step")}
+
     # ----------------------------------------------------------------- internals
     def _on_model_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.outputs is None and module.training and isinstance(output, Tensor) and output.ndim >= 1:

@@ -93,6 +93,12 @@ class InitCheck(Hook):
         # Once per run: lazy modules are initialized by now, and weights may have been re-initialized.
         self._check_weights("training")
 
+    # ----------------------------------------------------------------- config
+    def get_config(self) -> dict[str, Any]:
+        # Only this hook's own arguments: it takes no cadence arguments from the base class.
+        config = super().get_config()
+        return {k: v for k, v in config.items() if k not in ("every", "start_step")}
+
     # ----------------------------------------------------------------- internals
     def _check_weights(self, stage: str) -> None:
         guard = self._require_guard("check")

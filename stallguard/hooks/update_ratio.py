@@ -233,6 +233,12 @@ class UpdateRatio(Hook):
             raise ValueError(f"{owner}.load_state_dict: the saved weights {state['layers']} differ from {self.layers}")
         super().load_state_dict(state)
 
+    # ----------------------------------------------------------------- config
+    def get_config(self) -> dict[str, Any]:
+        # Only this hook's own arguments: start_step is not one (samples start at step 1).
+        config = super().get_config()
+        return {k: v for k, v in config.items() if k != "start_step"}
+
     # ----------------------------------------------------------------- internals
     def _warming_up(self) -> bool:
         # The learning rate still rising over the window is a warm-up schedule at work.
