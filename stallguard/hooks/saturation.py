@@ -173,7 +173,8 @@ class SaturationCheck(Hook):
             x = args[0].detach()
             if not x.is_floating_point() or x.numel() == 0:
                 return None
-            self.saturated[index] += (x.abs() > limit).sum()
+            # A model split over devices: bring the count to the counters (a no-op on one device).
+            self.saturated[index] += (x.abs() > limit).sum().to(self.saturated.device, non_blocking=True)
             self.counted[index] += x.numel()
             self._last[module_name] = output
             return None  # a value returned here would replace the module's output

@@ -143,7 +143,7 @@ class UpdateRatio(Hook):
         update = ctx.update_norms()
         if update is None:
             return
-        select = self._selection(ctx.optimizer_index, update.names)
+        select = self._selection(ctx.optimizer_index, update.names, update.delta.device)
         if select is None:
             return
         rows, cols = select
@@ -152,7 +152,7 @@ class UpdateRatio(Hook):
         ratio = delta / weight
         # Zero weights give no ratio; a non-finite update (or weight) counts as an infinite one.
         ratio = torch.where(weight == 0, math.nan, torch.nan_to_num(ratio, nan=math.inf))
-        self.ratios[self._slot].index_copy_(0, cols, ratio.to(self.ratios.dtype))
+        self.ratios[self._slot].index_copy_(0, cols, ratio.to(self.ratios.device, self.ratios.dtype, non_blocking=True))
 
     def on_check(self, check: CheckContext) -> None:
         filled = min(self.samples, self.window)
@@ -245,17 +245,17 @@ class UpdateRatio(Hook):
         lrs = [lr for lr in self.sample_lrs if lr is not None]
         return len(lrs) >= 2 and lrs[-1] > _LR_RISE * lrs[0]
 
-    def _selection(self, optimizer_index: int, names: list[str]) -> tuple[Tensor, Tensor] | None:
+    def _selection(self, optimizer_index: int, names: list[str], device: torch.device) -> tuple[Tensor, Tensor] | None:
         key = (optimizer_index, tuple(names))
         if key not in self._select:
             rows = [i for i, n in enumerate(names) if n in self._column]
             if not rows:
                 self._select[key] = None
             else:
-                device = self.ratios.device
+                # Built once per optimizer and parameter list: a host-to-device copy each.
                 self._select[key] = (
                     torch.tensor(rows, device=device),
-                    torch.tensor([self._column[names[i]] for i in rows], device=device),
+                    torch.tensor([self._column[names[i]] for i in rows], device=self.ratios.device),
                 )
         return self._select[key]
 
