@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch import nn
 from tiny_runs import LSTMClassifier, TinyTransformer, classification, mlp, small_cnn, train
+from torch import nn
 
 import stallguard as sg
 

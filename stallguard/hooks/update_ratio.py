@@ -38,7 +38,9 @@ class UpdateRatio(Hook):
     and writes the ratio of every dim >= 2 weight of Linear, Conv, RNN and attention layers into a
     device buffer of the last ``window`` sampled steps. Biases, embeddings and norm layers are left
     out (biases often start at zero, where the ratio means nothing; a few rows of an embedding move
-    per step). A weight that is exactly zero gives no ratio; a non-finite update counts as infinite.
+    per step). A weight that is exactly zero gives no ratio, nor does one whose gradient is exactly
+    zero (dead units or a cut graph: no learning rate would move it, so it says nothing about the
+    learning rate); a non-finite update counts as infinite.
 
     At each check point, once ``window`` samples are in, the host reads the buffer and takes the
     median over layers and steps:
@@ -130,6 +132,7 @@ class UpdateRatio(Hook):
         if not self.layers:
             return
         ctx.request_update()
+        ctx.grad_norms()  # shared with the gradient monitors; read before the step changes anything
         if ctx.is_clock:
             self._slot = self.samples % self.window
             self.samples += 1
@@ -152,6 +155,11 @@ class UpdateRatio(Hook):
         ratio = delta / weight
         # Zero weights give no ratio; a non-finite update (or weight) counts as an infinite one.
         ratio = torch.where(weight == 0, math.nan, torch.nan_to_num(ratio, nan=math.inf))
+        grads = ctx.grad_norms()
+        if grads is not None and grads.names == update.names:
+            # A weight whose gradient is exactly zero (dead units, a cut graph) says nothing about the
+            # learning rate: no learning rate moves it.
+            ratio = torch.where(grads.per_tensor.index_select(0, rows) == 0, math.nan, ratio)
         self.ratios[self._slot].index_copy_(0, cols, ratio.to(self.ratios.device, self.ratios.dtype, non_blocking=True))
 
     def on_check(self, check: CheckContext) -> None:
