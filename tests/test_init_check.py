@@ -27,6 +27,7 @@ def test_zero_init_is_all_zero_and_ranked_first_after_a_stall() -> None:
     assert events[0].data["layers"] == ("0.weight", "2.weight", "4.weight")
     assert events[0].data["stage"] == "attach"
     assert events[0].causes == ("bad_init",)
+    assert kinds(guard, "plateau")  # the run stalled
     assert guard.diagnose()[0].cause == "bad_init"
 
 

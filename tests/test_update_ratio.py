@@ -86,6 +86,22 @@ def test_zero_weights_and_zero_gradients_give_no_ratio() -> None:
     assert kinds(guard, "update_ratio_high") == []
 
 
+def test_lazy_layers_are_measured_once_initialized() -> None:
+    model = torch.nn.Sequential(torch.nn.LazyLinear(32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    hook = sg.UpdateRatio(every=1, window=3, warmup=0)
+    guard = sg.Guard(model, opt, hooks=[hook], sinks=[], check_every=3)
+    assert hook.layers == ["0.weight", "2.weight"]
+    x, y = classification()
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    ratios = kinds(guard, "update_ratio")[0].data["layer_ratios"]
+    assert set(ratios) == {"0.weight", "2.weight"} and all(1e-5 < r < 0.1 for r in ratios.values())
+    guard.close()
+
+
 def test_samples_only_every_n_steps() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
