@@ -34,7 +34,7 @@ def mlp(d_in: int = 16, hidden: int = 32, d_out: int = 4) -> nn.Sequential:
 
 
 class LSTMClassifier(nn.Module):
-    """An LSTM over 10-step sequences of the classification features (16 split into 10 x 4 is not needed)."""
+    """An LSTM over the 16 classification features read as 4 steps of 4, with a linear head."""
 
     def __init__(self, d_in: int = 4, hidden: int = 32, classes: int = 4) -> None:
         super().__init__()
