@@ -175,3 +175,21 @@ def test_bad_arguments(kwargs, error, match) -> None:
 def test_registered_as_a_default_monitor() -> None:
     assert "InitCheck" in [type(h).__name__ for h in sg.default_hooks()]
     assert isinstance(sg.create("init_check"), sg.InitCheck)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Transformer(
+            d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, batch_first=True
+        ),
+        lambda: nn.Sequential(nn.ConvTranspose2d(8, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=4)),
+        lambda: nn.GRU(1, 256),
+        lambda: nn.LSTM(300, 16, num_layers=2),
+        lambda: nn.Bilinear(8, 8, 4),
+        lambda: nn.Conv1d(3, 64, 7),
+    ],
+    ids=["transformer", "conv_transpose_depthwise", "gru_one_input", "lstm_wide_input", "bilinear", "conv1d"],
+)
+def test_torch_default_inits_of_usual_layers_are_quiet(make) -> None:
+    assert check(make())[1] == []
