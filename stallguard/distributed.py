@@ -39,7 +39,7 @@ class LayoutMismatchError(RuntimeError):
 
 
 class SyncTimeoutError(RuntimeError):
-    """Not every rank joined a check point within the allowed time (raised only where a timeout is set)."""
+    """Not every rank joined a check point within the allowed time, or one had left (only where a timeout is set)."""
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -200,8 +200,16 @@ class DistributedContext:
             return
         fp = fingerprint(description)
         header = torch.tensor([fp, -fp], dtype=torch.float64)
-        work = dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        self._wait(work, timeout, "a check point")
+        try:
+            work = dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+            self._wait(work, timeout, "a check point")
+        except RuntimeError as exc:
+            if timeout is None or isinstance(exc, SyncTimeoutError):
+                raise
+            # A rank that already left (its connection closed) is one that will never join.
+            raise SyncTimeoutError(
+                f"stallguard: rank {self.rank} could not reach every rank at a check point: {exc}"
+            ) from exc
         if header[0].item() == -header[1].item():
             return
         # Every rank saw the same disagreement: swap descriptions to say what differs, then raise.
