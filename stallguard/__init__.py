@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import hooks as _builtin_hooks  # noqa: F401  (registers the built-in hooks by name)
 from .causes import CAUSES
 from .diagnosis import Diagnosis, diagnose
+from .distributed import LayoutMismatchError, SyncTimeoutError
 from .events import SCHEMA_VERSION, Event, EventBus, Severity
 from .guard import Guard, Series
 from .hook import REDUCTIONS, Hook, TrainingInterrupted
@@ -47,6 +48,7 @@ __all__ = [
     "Hook",
     "JSONLSink",
     "LRAutoReducer",
+    "LayoutMismatchError",
     "LoggingSink",
     "MemorySink",
     "NonFiniteGradientError",
@@ -57,6 +59,7 @@ __all__ = [
     "Sink",
     "SkippedSteps",
     "StepContext",
+    "SyncTimeoutError",
     "TensorBoardSink",
     "TrainingInterrupted",
     "UpdateNorms",

@@ -239,6 +239,8 @@ class Guard:
         # (device bool), and per rank, steps with non-finite gradients / losses and the first such step.
         self._loss_bad: Tensor | None = None
         self._rank_nonfinite: Tensor | None = None
+        self._remote_failures: set[tuple[str, int]] = set()
+        self._disabled_elsewhere: set[int] = set()
 
         self.sinks: list[Sink] = self._build_sinks(sinks)
         self.hooks: list[Hook] = self._build_hooks(hooks)
@@ -707,7 +709,13 @@ class Guard:
 
         The Guard runs one every ``check_every`` optimizer steps and one on :meth:`close`; call it
         yourself at the end of an epoch to get decisions there. Under torch.distributed every rank
-        must call it at the same point (it runs one collective).
+        must call it at the same point: it runs one small collective that checks that every rank
+        packed the same states, then one packed ``all_reduce`` for the max/min/any/all states and
+        one for the sum/mean states and observed values (see ``docs/distributed.md``).
+
+        Raises:
+            LayoutMismatchError: under torch.distributed, on every rank, when the ranks packed
+                different states (different hooks, state shapes, steps or observed streams).
         """
         if self._closed:
             raise RuntimeError("Guard.check() called after close()")
@@ -734,9 +742,12 @@ class Guard:
             layout.append(("series", key, "mean", "mean", (len(values),)))
             parts["sum"].append(torch.stack([v.to(self.device, torch.float64) for v in values]))
         if dctx.multi:
-            disabled = torch.tensor([0.0 if h.enabled else 1.0 for h in self.hooks], dtype=torch.float64)
-            layout.append(("disabled", None, "disabled", "max", (len(self.hooks),)))
-            parts["max"].append(disabled.to(self.device))
+            # Which hooks failed on each rank (and were disabled there): one column per rank.
+            failed = [0.0 if h.enabled or id(h) in self._disabled_elsewhere else 1.0 for h in self.hooks]
+            disabled = torch.zeros(len(self.hooks), dctx.world_size, dtype=torch.float64)
+            disabled[:, dctx.rank] = torch.tensor(failed, dtype=torch.float64)
+            layout.append(("disabled", None, "disabled", "max", tuple(disabled.shape)))
+            parts["max"].append(disabled.reshape(-1).to(self.device))
             if self._rank_nonfinite is not None:
                 layout.append(("rank_nonfinite", None, "rank_nonfinite", "max", tuple(self._rank_nonfinite.shape)))
                 parts["max"].append(pack_value(self._rank_nonfinite, "max"))
@@ -755,7 +766,8 @@ class Guard:
         max_flat, sum_flat = dctx.reduce_packed(max_flat, sum_flat)
         gathered = dctx.gather(torch.cat(parts["gather"])) if parts["gather"] else None
         # The one device-to-host read of the check point.
-        host = {"max": max_flat.cpu().numpy(), "sum": sum_flat.cpu().numpy()}
+        both = torch.cat([max_flat, sum_flat.to(max_flat.device)]).cpu().numpy()
+        host = {"max": both[: max_flat.numel()], "sum": both[max_flat.numel() :]}
         offsets = {"max": 0, "sum": 0, "gather": 0}
         values_by_hook: dict[int, dict[str, Any]] = {id(h): {} for h in self.hooks}
         for owner_kind, owner, name, how, shape in layout:
@@ -773,7 +785,7 @@ class Guard:
             elif owner_kind == "series":
                 self._commit_series(owner, [s for s, _ in pending[owner]], arr.astype(np.float64))
             elif owner_kind == "disabled":
-                self._disable_where_disabled_elsewhere(arr)
+                self._disable_where_disabled_elsewhere(arr.reshape(shape))
             else:
                 self._report_rank_nonfinite(arr.reshape(shape))
         for h in self.hooks:
@@ -810,11 +822,34 @@ class Guard:
         return (table[0].max() > 0).reshape(bad.shape).to(bad.device)
 
     def _disable_where_disabled_elsewhere(self, disabled: np.ndarray) -> None:
-        for h, flag in zip(self.hooks, disabled.reshape(-1)):
-            if flag > 0 and h.enabled:
+        """Disable on this rank the hooks another rank disabled, and report each such failure once."""
+        for h, row in zip(self.hooks, disabled):
+            ranks = [r for r in range(len(row)) if row[r] > 0 and r != self.rank]
+            if not ranks:
+                continue
+            if h.enabled:
                 h.enabled = False
+                self._disabled_elsewhere.add(id(h))
                 h.remove_handles()
-                _log.warning("stallguard: hook %s failed on another rank and is disabled on every rank", h.name)
+                _log.warning("stallguard: hook %s failed on rank(s) %s and is disabled on every rank", h.name, ranks)
+            for r in ranks:
+                if (h.name, r) in self._remote_failures:
+                    continue
+                self._remote_failures.add((h.name, r))
+                # The failing rank's own hook_error reached only its guard.events and log; this one
+                # reaches the sinks of the writing rank.
+                self.publish(
+                    Event(
+                        kind="hook_error",
+                        severity=Severity.ERROR,
+                        message=f"{h.name} failed on rank {r} (see that rank's log); it is disabled on every rank",
+                        step=self.step,
+                        data={"hook": h.name, "method": "unknown", "error": f"raised on rank {r}"},
+                        epoch=self._epoch,
+                        rank=r,
+                        world_size=self.world_size,
+                    )
+                )
 
     def _report_rank_nonfinite(self, table: np.ndarray) -> None:
         """Name the ranks a non-finite step came from (identical numbers on every rank)."""

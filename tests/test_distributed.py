@@ -87,7 +87,18 @@ def _spawn(scenarios: list[str], timeout: float = 60.0, destroy: bool = True) ->
 @pytest.fixture(scope="module")
 def shared() -> dict[str, list[Any]]:
     return _spawn(
-        ["lr_decisions", "ddp_norm", "nan_skip", "fsdp2", "fsdp1", "custom_state", "sinks_once", "no_buffers"],
+        [
+            "lr_decisions",
+            "ddp_norm",
+            "nan_skip",
+            "fsdp2",
+            "fsdp1",
+            "custom_state",
+            "sinks_once",
+            "no_buffers",
+            "dead_relu",
+            "hook_fails_on_one_rank",
+        ],
         timeout=90.0,
     )
 
@@ -248,6 +259,7 @@ class Tally(sg.Hook):
             self.add_state(f"v_{how}", torch.zeros(2), reduce=how, reset=True)
         self.add_state("v_any", torch.zeros(3, dtype=torch.bool), reduce="any", reset=True)
         self.add_state("v_all", torch.ones(3, dtype=torch.bool), reduce="all", reset=True)
+        self.add_state("v_gather", torch.zeros(2), reduce="gather", reset=True)
         self.add_state("local", torch.zeros(()))  # not reduced: stays this rank's own
         self.seen: list[dict[str, Any]] = []
 
@@ -257,6 +269,7 @@ class Tally(sg.Hook):
             getattr(self, f"v_{how}").add_(torch.tensor([r, -r]))
         self.v_any[int(r)] = True  # rank 0 sets 1, rank 1 sets 2
         self.v_all[int(r)] = False
+        self.v_gather.add_(torch.tensor([r, 10 * r]))
         self.local += r
 
     def on_check(self, check: Any) -> None:
@@ -347,6 +360,64 @@ def no_buffers(rank: int) -> dict[str, Any]:
     }
 
 
+def dead_relu(rank: int) -> dict[str, Any]:
+    """Unit 0 fires on rank 0's data only; every unit is silent on rank 1's. Dead only if dead on every rank."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(4))
+        model[0].bias.zero_()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.0)
+    counter = sg.DeadReLUCounter(every=1, window=2)
+    guard = sg.Guard(ddp, opt, hooks=[counter], sinks=[], check_every=2, strict=True)
+    for _ in range(2):
+        x = -torch.rand(8, 4) - 0.1
+        if rank == 0:
+            x[:, 0] = -x[:, 0]
+        loss = ddp(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    guard.close()
+    return {"dead": counter.dead_fractions}
+
+
+class FailsOnRankOne(sg.Hook):
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("n", torch.zeros(()), reduce="sum")
+        self.checks = 0
+
+    def on_after_step(self, ctx: Any) -> None:
+        if self.guard.rank == 1:  # type: ignore[union-attr]
+            raise ValueError("a bug that shows on one rank only")
+        self.n += 1
+
+    def on_check(self, check: Any) -> None:
+        self.checks += 1
+
+
+def hook_fails_on_one_rank(rank: int) -> dict[str, Any]:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    failing = FailsOnRankOne()
+    sink = sg.MemorySink()
+    guard = sg.Guard(model, opt, hooks=[failing, Tally()], sinks=[sink], check_every=1)
+    for x, y in _batches(seed=0, steps=3):
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    guard.close()
+    errors = [(e.kind, e.rank) for e in guard.events if e.kind == "hook_error"]
+    return {
+        "enabled": failing.enabled,
+        "checks": failing.checks,
+        "errors": errors,
+        "sink": [(e.kind, e.rank) for e in sink.events],
+        "tally": len(guard.hooks[1].seen),  # type: ignore[attr-defined]
+    }
+
+
 def layout_mismatch(rank: int) -> dict[str, Any]:
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -414,6 +485,8 @@ SCENARIOS = {
         custom_state,
         sinks_once,
         no_buffers,
+        dead_relu,
+        hook_fails_on_one_rank,
         layout_mismatch,
         close_disagreement,
         close_alone,
@@ -491,11 +564,13 @@ def test_a_custom_hooks_states_are_reduced_in_one_collective_per_kind(shared):
     assert first["v_min"] == [2.0, -4.0]
     assert first["v_any"] == [False, True, True]
     assert first["v_all"] == [True, False, False]
+    assert first["v_gather"] == [[2.0, 20.0], [4.0, 40.0]]  # one row per rank
     assert "local" not in first
     assert (r0["local"], r1["local"]) == (4.0, 8.0)  # undeclared reductions stay local
-    # No collective on steps without a check point; at one: the layout check, one MAX, one SUM.
+    # No collective on steps without a check point; at one: the layout check, one MAX, one SUM, and
+    # one all_gather because a state asked for "gather".
     assert [s["all_reduce"] for s in r0["per_step"]] == [0, 3, 0, 3]
-    assert all(s["all_gather"] == 0 for s in r0["per_step"])
+    assert [s["all_gather"] for s in r0["per_step"]] == [0, 1, 0, 1]
 
 
 def test_events_reach_the_sinks_once_per_job(shared):
@@ -513,6 +588,21 @@ def test_no_counter_is_a_module_buffer(shared):
         assert res["buffers"][0] == res["buffers"][1]
         assert res["state_dict"][0] == res["state_dict"][1]
         assert res["n_states"] > 0 and res["shared"] == 0
+
+
+def test_a_unit_is_dead_only_if_dead_on_every_rank(shared):
+    r0, r1 = shared["dead_relu"]
+    assert r0["dead"] == r1["dead"] == {"1": 0.75}  # rank 1 alone would call all four dead
+
+
+def test_a_hook_failing_on_one_rank_is_disabled_on_every_rank(shared):
+    r0, r1 = shared["hook_fails_on_one_rank"]
+    assert not r0["enabled"] and not r1["enabled"]
+    assert r0["checks"] == 0  # the check point that learns of the failure no longer runs it
+    # Rank 1 recorded its own failure; rank 0 learned of it at the check point and its sinks report it.
+    assert r1["errors"] == [("hook_error", 1)] and r0["errors"] == [("hook_error", 1)]
+    assert r0["sink"] == [("hook_error", 1)] and r1["sink"] == []
+    assert r0["tally"] == r1["tally"] == 4  # the other hooks go on: three steps and close
 
 
 def test_disagreeing_ranks_get_a_clear_error_and_close_does_not_hang():
@@ -538,3 +628,4 @@ def test_single_process_is_unchanged():
     seen = guard.hook("Tally").seen  # type: ignore[union-attr]
     assert seen[0]["v_sum"] == [2.0, -2.0] and seen[0]["v_mean"] == [2.0, -2.0]
     assert seen[0]["v_any"] == [False, True, False] and seen[0]["v_all"] == [True, False, True]
+    assert seen[0]["v_gather"] == [[2.0, 20.0]]
