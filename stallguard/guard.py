@@ -287,7 +287,11 @@ class Guard:
             raise TypeError(
                 f"Guard: sinks must be a list of sinks (wrap a single sink in a list), got {type(sinks).__name__}"
             )
-        return [create_sink(s) for s in sinks]
+        entries = list(sinks)
+        if not self._distributed.should_emit():
+            # Config entries are built on the writing rank only, so the other ranks open no file.
+            entries = [s for s in entries if isinstance(s, Sink)]
+        return [create_sink(s) for s in entries]
 
     def _build_hooks(self, hooks: Iterable[Hook] | None) -> list[Hook]:
         if hooks is None:

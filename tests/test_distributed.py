@@ -12,6 +12,7 @@ import math
 import os
 import queue
 import socket
+import tempfile
 import time
 import traceback
 import warnings
@@ -328,7 +329,22 @@ def sinks_once(rank: int) -> dict[str, Any]:
             "sink": [(e.kind, e.step, e.rank, e.world_size) for e in sink.events],
             "events": len(guard.events),
         }
+    # A sink given as a config entry is built (its file opened) on the writing rank only.
+    path = _jsonl_path(os.getppid())
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = sg.Guard(model, opt, hooks=[Shout()], sinks=[{"name": "jsonl", "path": path}], check_every=1)
+    nn.functional.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 1)).backward()
+    opt.step()
+    guard.close()
+    out["jsonl_sinks"] = len(guard.sinks)
+    dist.barrier()
+    out["jsonl_kinds"] = [e.kind for e in sg.read_jsonl(path)]
     return out
+
+
+def _jsonl_path(parent_pid: int) -> str:
+    return os.path.join(tempfile.gettempdir(), f"stallguard_test_distributed_{parent_pid}.jsonl")
 
 
 def no_buffers(rank: int) -> dict[str, Any]:
@@ -581,6 +597,9 @@ def test_events_reach_the_sinks_once_per_job(shared):
     assert len(r0["all"]["sink"]) == 3 and len(r1["all"]["sink"]) == 3
     assert all(world == WORLD and rank is None for _, _, rank, world in r0["0"]["sink"])
     assert r0["0"]["events"] == r1["0"]["events"] == 3  # every rank still keeps its guard.events
+    assert (r0["jsonl_sinks"], r1["jsonl_sinks"]) == (1, 0)
+    assert r0["jsonl_kinds"] == r1["jsonl_kinds"] == ["shout", "shout"]  # one step and close, written once
+    os.remove(_jsonl_path(os.getpid()))
 
 
 def test_no_counter_is_a_module_buffer(shared):
