@@ -31,6 +31,7 @@ from stallguard.hooks import GradientClipper, LRAutoReducer
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
 WORLD = 2
+DEVICE = "cpu"  # set in each rank by the harness: "cpu" or "cuda"
 
 
 # ----------------------------------------------------------------------------- harness
@@ -40,12 +41,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, scenarios: list[str], out: Any, destroy: bool) -> None:
+def _worker(rank: int, port: int, scenarios: list[str], out: Any, destroy: bool, backend: str, device: str) -> None:
+    global DEVICE
+    DEVICE = device
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30))
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30))
     for name in scenarios:
         try:
             torch.manual_seed(0)
@@ -56,12 +61,15 @@ def _worker(rank: int, port: int, scenarios: list[str], out: Any, destroy: bool)
         dist.destroy_process_group()
 
 
-def _spawn(scenarios: list[str], timeout: float = 60.0, destroy: bool = True) -> dict[str, list[Any]]:
-    """Run ``scenarios`` in order on two gloo ranks; {name: [result of rank 0, result of rank 1]}."""
+def _spawn(
+    scenarios: list[str], timeout: float = 60.0, destroy: bool = True, backend: str = "gloo", device: str = "cpu"
+) -> dict[str, list[Any]]:
+    """Run ``scenarios`` in order on two ranks; {name: [result of rank 0, result of rank 1]}."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, scenarios, out, destroy), daemon=True) for r in range(WORLD)]
+    args = [(r, port, scenarios, out, destroy, backend, device) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=a, daemon=True) for a in args]
     for p in procs:
         p.start()
     results: dict[str, list[Any]] = {name: [None] * WORLD for name in scenarios}
@@ -162,11 +170,20 @@ def _reference_step(batches: list[tuple[torch.Tensor, torch.Tensor]], max_norm: 
     return norm.item(), _flat(ref)
 
 
+def _dev(rank: int) -> torch.device:
+    return torch.device(f"cuda:{rank % torch.cuda.device_count()}") if DEVICE == "cuda" else torch.device("cpu")
+
+
+def _ddp(model: nn.Module, rank: int) -> nn.parallel.DistributedDataParallel:
+    dev = _dev(rank)
+    return nn.parallel.DistributedDataParallel(model.to(dev), device_ids=[dev] if dev.type == "cuda" else None)
+
+
 def _clipped_step(model: nn.Module, rank: int, full_params: Any) -> dict[str, Any]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = sg.Guard(model, opt, hooks=[GradientClipper(mode="norm", max_norm=0.05)], sinks=[], check_every=1)
     batches = [_batches(seed=200 + r, steps=1)[0] for r in range(WORLD)]
-    x, y = batches[rank]
+    x, y = (t.to(_dev(rank)) for t in batches[rank])
     nn.functional.mse_loss(model(x), y).backward()
     opt.step()
     guard.close()
@@ -183,7 +200,7 @@ def _clipped_step(model: nn.Module, rank: int, full_params: Any) -> dict[str, An
 
 
 def ddp_norm(rank: int) -> dict[str, Any]:
-    ddp = nn.parallel.DistributedDataParallel(_mlp())
+    ddp = _ddp(_mlp(), rank)
     return _clipped_step(ddp, rank, lambda: _flat(ddp))
 
 
@@ -222,7 +239,7 @@ def fsdp1(rank: int) -> dict[str, Any]:
 
 def nan_skip(rank: int) -> dict[str, Any]:
     """Step 2: rank 1's gradients turn NaN after DDP synced them; step 6: rank 1's batch holds a NaN."""
-    ddp = nn.parallel.DistributedDataParallel(_mlp())
+    ddp = _ddp(_mlp(), rank)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     sink = sg.MemorySink()
     guard = sg.Guard(
@@ -230,6 +247,7 @@ def nan_skip(rank: int) -> dict[str, Any]:
     )
     moved = []
     for step, (x, y) in enumerate(_batches(seed=300 + rank, steps=8), start=1):
+        x, y = x.to(_dev(rank)), y.to(_dev(rank))
         if step == 6 and rank == 1:
             x = x.clone()
             x[0, 0] = math.nan
@@ -648,3 +666,31 @@ def test_single_process_is_unchanged():
     assert seen[0]["v_sum"] == [2.0, -2.0] and seen[0]["v_mean"] == [2.0, -2.0]
     assert seen[0]["v_any"] == [False, True, False] and seen[0]["v_all"] == [True, False, True]
     assert seen[0]["v_gather"] == [[2.0, 20.0]]
+
+
+# ----------------------------------------------------------------------------- GPU variants
+def _check_gpu_results(res: dict[str, list[Any]]) -> None:
+    for r in res["ddp_norm"]:
+        assert not r["errors"]
+        assert r["norm"] == pytest.approx(r["ref_norm"], rel=1e-4)
+        assert r["params"] == pytest.approx(r["ref_params"], rel=1e-4, abs=1e-6)
+    r0, r1 = res["nan_skip"]
+    assert r0["params"] == r1["params"]
+    expected = [step not in (2, 6) for step in range(1, 9)]
+    assert r0["moved"] == expected and r1["moved"] == expected
+    named = [e for e in r0["sink"] if e[0] == "rank_nonfinite"]
+    assert [(e[1], e[2]["what"]) for e in named] == [(1, "gradients"), (1, "loss")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors_over_gloo():
+    """Both ranks on the GPU(s), gloo carrying the collectives (the Guard moves its small vectors to the CPU)."""
+    _check_gpu_results(_spawn(["ddp_norm", "nan_skip"], timeout=120.0, device="cuda"))
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.device_count() >= WORLD and dist.is_nccl_available()),
+    reason="needs two CUDA devices and NCCL",
+)
+def test_cuda_over_nccl():
+    _check_gpu_results(_spawn(["ddp_norm", "nan_skip"], timeout=120.0, backend="nccl", device="cuda"))
