@@ -199,7 +199,9 @@ class DistributedContext:
         if not self.multi:
             return
         fp = fingerprint(description)
-        header = torch.tensor([fp, -fp], dtype=torch.float64)
+        # NCCL reduces device tensors only; gloo reduces CPU tensors.
+        on = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(self.backend) else None
+        header = torch.tensor([fp, -fp], dtype=torch.float64, device=on)
         try:
             work = dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
             self._wait(work, timeout, "a check point")
@@ -210,7 +212,8 @@ class DistributedContext:
             raise SyncTimeoutError(
                 f"stallguard: rank {self.rank} could not reach every rank at a check point: {exc}"
             ) from exc
-        if header[0].item() == -header[1].item():
+        top, neg_bottom = header.tolist()
+        if top == -neg_bottom:
             return
         # Every rank saw the same disagreement: swap descriptions to say what differs, then raise.
         found: list[Any] = [None] * self.world_size

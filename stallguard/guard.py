@@ -752,6 +752,11 @@ class Guard:
             disabled[:, dctx.rank] = torch.tensor(failed, dtype=torch.float64)
             layout.append(("disabled", None, "disabled", "max", tuple(disabled.shape)))
             parts["max"].append(disabled.reshape(-1).to(self.device))
+            # Whether any rank has anything new: the final check of close() runs on every rank, but
+            # calls the hooks only when some rank stepped or observed since the last check point.
+            news = float(self.step > self._last_check_step or bool(pending))
+            layout.append(("news", None, "news", "max", (1,)))
+            parts["max"].append(torch.tensor([news], dtype=torch.float64, device=self.device))
             if self._rank_nonfinite is not None:
                 layout.append(("rank_nonfinite", None, "rank_nonfinite", "max", tuple(self._rank_nonfinite.shape)))
                 parts["max"].append(pack_value(self._rank_nonfinite, "max"))
@@ -774,6 +779,7 @@ class Guard:
         host = {"max": both[: max_flat.numel()], "sum": both[max_flat.numel() :]}
         offsets = {"max": 0, "sum": 0, "gather": 0}
         values_by_hook: dict[int, dict[str, Any]] = {id(h): {} for h in self.hooks}
+        anything_new = True
         for owner_kind, owner, name, how, shape in layout:
             size = math.prod(shape)
             bucket = _BUCKET.get(how, "max")
@@ -790,11 +796,16 @@ class Guard:
                 self._commit_series(owner, [s for s, _ in pending[owner]], arr.astype(np.float64))
             elif owner_kind == "disabled":
                 self._disable_where_disabled_elsewhere(arr.reshape(shape))
+            elif owner_kind == "news":
+                anything_new = bool(arr[0] > 0)
             else:
                 self._report_rank_nonfinite(arr.reshape(shape))
         for h in self.hooks:
             h._reset_states()
         self._last_check_step = self.step
+        if final and not anything_new:
+            self._flush_sinks()
+            return
         for h in self._by_method["on_check"]:
             if h.enabled:
                 self._call(h, "on_check", CheckContext(self, self.step, values_by_hook[id(h)], final=final))

@@ -609,14 +609,14 @@ def test_a_custom_hooks_states_are_reduced_in_one_collective_per_kind(shared):
 
 def test_events_reach_the_sinks_once_per_job(shared):
     r0, r1 = shared["sinks_once"]
-    # Three check points (two steps and close), one event each.
-    assert len(r0["0"]["sink"]) == 3 and r1["0"]["sink"] == []
-    assert r0["1"]["sink"] == [] and len(r1["1"]["sink"]) == 3
-    assert len(r0["all"]["sink"]) == 3 and len(r1["all"]["sink"]) == 3
+    # Two check points (close finds nothing new after the second), one event each.
+    assert len(r0["0"]["sink"]) == 2 and r1["0"]["sink"] == []
+    assert r0["1"]["sink"] == [] and len(r1["1"]["sink"]) == 2
+    assert len(r0["all"]["sink"]) == 2 and len(r1["all"]["sink"]) == 2
     assert all(world == WORLD and rank is None for _, _, rank, world in r0["0"]["sink"])
-    assert r0["0"]["events"] == r1["0"]["events"] == 3  # every rank still keeps its guard.events
+    assert r0["0"]["events"] == r1["0"]["events"] == 2  # every rank still keeps its guard.events
     assert (r0["jsonl_sinks"], r1["jsonl_sinks"]) == (1, 0)
-    assert r0["jsonl_kinds"] == r1["jsonl_kinds"] == ["shout", "shout"]  # one step and close, written once
+    assert r0["jsonl_kinds"] == r1["jsonl_kinds"] == ["shout"]  # written once, by rank 0
     os.remove(_jsonl_path(os.getpid()))
 
 
@@ -639,7 +639,7 @@ def test_a_hook_failing_on_one_rank_is_disabled_on_every_rank(shared):
     # Rank 1 recorded its own failure; rank 0 learned of it at the check point and its sinks report it.
     assert r1["errors"] == [("hook_error", 1)] and r0["errors"] == [("hook_error", 1)]
     assert r0["sink"] == [("hook_error", 1)] and r1["sink"] == []
-    assert r0["tally"] == r1["tally"] == 4  # the other hooks go on: three steps and close
+    assert r0["tally"] == r1["tally"] == 3  # the other hooks go on, at each of the three check points
 
 
 def test_disagreeing_ranks_get_a_clear_error_and_close_does_not_hang():
