@@ -100,6 +100,7 @@ def shared() -> dict[str, list[Any]]:
             "lr_decisions",
             "ddp_norm",
             "nan_skip",
+            "nan_raise",
             "fsdp2",
             "fsdp1",
             "custom_state",
@@ -267,6 +268,27 @@ def nan_skip(rank: int) -> dict[str, Any]:
         "events": _events(guard),
         "sink": [(e.kind, e.rank, dict(e.data)) for e in sink.events],
     }
+
+
+def nan_raise(rank: int) -> dict[str, Any]:
+    """With nonfinite="raise", a NaN in rank 1's gradients stops every rank at the same step."""
+    ddp = _ddp(_mlp(), rank)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    guard = sg.Guard(ddp, opt, hooks=[GradientClipper(mode="norm", max_norm=10.0, nonfinite="raise")], sinks=[])
+    raised_at = None
+    for step, (x, y) in enumerate(_batches(seed=500 + rank, steps=4), start=1):
+        loss = nn.functional.mse_loss(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if step == 3 and rank == 1:
+            ddp.module[2].bias.grad[0] = math.inf
+        try:
+            opt.step()
+        except sg.NonFiniteGradientError:
+            raised_at = step
+            break
+    guard.close()
+    return {"raised_at": raised_at, "params": _flat(ddp)}
 
 
 class Tally(sg.Hook):
@@ -514,6 +536,7 @@ SCENARIOS = {
         lr_decisions,
         ddp_norm,
         nan_skip,
+        nan_raise,
         fsdp2,
         fsdp1,
         custom_state,
@@ -565,6 +588,12 @@ def test_a_nan_on_one_rank_makes_every_rank_skip(shared):
     skipped = [e for e in r0["sink"] if e[0] == "nonfinite_skipped"]
     assert len(skipped) == 2
     assert r1["sink"] == []  # rank 1 writes nothing: events reach the sinks once per job
+
+
+def test_a_nan_on_one_rank_raises_on_every_rank(shared):
+    r0, r1 = shared["nan_raise"]
+    assert r0["raised_at"] == r1["raised_at"] == 3
+    assert r0["params"] == r1["params"]
 
 
 def test_fsdp2_gradient_norm_and_clipping_equal_the_unsharded_ones(shared):
