@@ -24,7 +24,15 @@ from torch import Tensor
 
 from .stats import tensor_norms
 
-__all__ = ["DistributedContext", "LayoutMismatchError", "SyncTimeoutError", "reduce_rows"]
+__all__ = [
+    "DistributedContext",
+    "LayoutMismatchError",
+    "SyncTimeoutError",
+    "fingerprint",
+    "pack_value",
+    "reduce_rows",
+    "unpack_value",
+]
 
 # Reductions sent in the MAX collective (min and all are sent negated) and in the SUM collective.
 _MAX_OPS = ("max", "min", "any", "all")
@@ -64,7 +72,12 @@ def _model_kind(model: torch.nn.Module | None) -> str:
 
 
 def fingerprint(description: Any) -> float:
-    """A 48-bit hash of ``repr(description)`` as a float64 (exact), to compare layouts across ranks."""
+    """A 48-bit hash of ``repr(description)`` as a float64 (exact), to compare layouts across ranks.
+
+    Example:
+        >>> fingerprint({"step": 3}) == fingerprint({"step": 3}), fingerprint({"step": 3}) == fingerprint({"step": 4})
+        (True, False)
+    """
     digest = hashlib.blake2b(repr(description).encode(), digest_size=6).digest()
     return float(int.from_bytes(digest, "big"))
 
@@ -76,6 +89,14 @@ class DistributedContext:
         model: The (wrapped) model, to tell DDP from FSDP from a local run.
         emit_rank: The rank whose sinks write events; None or ``"all"`` makes every rank write.
         group: The process group; the default group when None.
+
+    Example:
+        Without an initialized process group everything is local and no collective runs.
+
+        >>> import torch
+        >>> ctx = DistributedContext(torch.nn.Linear(2, 1), emit_rank="all")
+        >>> ctx.rank, ctx.world_size, ctx.multi, ctx.kind, ctx.should_emit()
+        (0, 1, False, 'local', True)
     """
 
     def __init__(self, model: torch.nn.Module | None, emit_rank: int | str | None = 0, group: Any = None) -> None:
@@ -260,7 +281,15 @@ def _describe_mismatch(found: list[Any]) -> str:
 
 
 def pack_value(t: Tensor, how: str) -> Tensor:
-    """A state as the float64 vector it travels in (min and all negated, so that MAX reduces them)."""
+    """A state as the float64 vector it travels in (min and all negated, so that MAX reduces them).
+
+    Example:
+        >>> import torch
+        >>> pack_value(torch.tensor([1.0, 3.0]), "min").tolist()
+        [-1.0, -3.0]
+        >>> unpack_value(pack_value(torch.tensor([1.0, 3.0]), "min").numpy(), "min", 1).tolist()
+        [1.0, 3.0]
+    """
     flat = t.detach().reshape(-1)
     if how in ("any", "all"):
         flat = flat != 0
@@ -269,7 +298,13 @@ def pack_value(t: Tensor, how: str) -> Tensor:
 
 
 def unpack_value(flat: np.ndarray, how: str, world_size: int) -> np.ndarray:
-    """The reduced value from its travelled form (see :func:`pack_value`)."""
+    """The reduced value from its travelled form (see :func:`pack_value`); ``mean`` divides the sum by ``world_size``.
+
+    Example:
+        >>> import numpy as np
+        >>> unpack_value(np.array([6.0, 2.0]), "mean", 2).tolist()
+        [3.0, 1.0]
+    """
     if how == "min":
         return -flat
     if how == "all":
@@ -282,7 +317,13 @@ def unpack_value(flat: np.ndarray, how: str, world_size: int) -> np.ndarray:
 
 
 def reduce_rows(rows: np.ndarray, how: str) -> np.ndarray:
-    """Combine per-rank rows (shape (world, ...)) with one of ``stallguard.hook.REDUCTIONS``."""
+    """Combine per-rank rows (shape (world, ...)) with one of ``stallguard.hook.REDUCTIONS``.
+
+    Example:
+        >>> import numpy as np
+        >>> reduce_rows(np.array([[1.0, 0.0], [3.0, 0.0]]), "max").tolist()
+        [3.0, 0.0]
+    """
     if how == "sum":
         return rows.sum(axis=0)
     if how == "mean":
