@@ -32,8 +32,8 @@ class NonFinite(Hook):
     step, the cadence of :class:`~stallguard.GradNormMonitor`, so that the two share one norm pass and
     the default Guard pays for it on one step in ten; a NaN loss is seen on the step it happens.
     Each source keeps, on the device, the first step it went bad (``torch.where`` on the step
-    number), and the gradients and parameters also keep which tensor. At a check point the host reads those few numbers and, the first time anything is
-    non-finite, emits one ``nonfinite`` event naming the origin: the earliest step, and within a
+    number), and the gradients and parameters also keep which tensor. At a check point the host
+    reads those few numbers and, the first time anything is non-finite, emits one ``nonfinite`` event naming the origin: the earliest step, and within a
     step the earliest source in causal order (inputs, parameters, loss, gradients), with the first
     layer in model order.
 
