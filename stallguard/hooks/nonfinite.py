@@ -33,9 +33,9 @@ class NonFinite(Hook):
     the default Guard pays for it on one step in ten; a NaN loss is seen on the step it happens.
     Each source keeps, on the device, the first step it went bad (``torch.where`` on the step
     number), and the gradients and parameters also keep which tensor. At a check point the host
-    reads those few numbers and, the first time anything is non-finite, emits one ``nonfinite`` event naming the origin: the earliest step, and within a
-    step the earliest source in causal order (inputs, parameters, loss, gradients), with the first
-    layer in model order.
+    reads those few numbers and, the first time anything is non-finite, emits one ``nonfinite``
+    event naming the origin: the earliest step, and within a step the earliest source in causal
+    order (inputs, parameters, loss, gradients), with the first layer in model order.
 
     Division of work with the other hooks: this hook reports the origin, once per run, and never
     changes training. :class:`~stallguard.GradNormMonitor` reports, per check interval, how many steps
