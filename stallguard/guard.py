@@ -556,6 +556,11 @@ class Guard:
             self._pending.setdefault("loss", []).append((step, loss))
         for key, value in metrics.items():
             self._pending.setdefault(key, []).append((step, value))
+        index = self._observe_count
+        self._observe_count += 1
+        due = [h for h in self._by_method["on_observe"] if h.enabled and h.is_due(step)]
+        if not due:
+            return
         obs = Observation(
             step=step,
             loss=loss,
@@ -563,12 +568,10 @@ class Guard:
             outputs=outputs,
             targets=targets,
             metrics=dict(metrics),
-            index=self._observe_count,
+            index=index,
         )
-        self._observe_count += 1
-        for h in self._by_method["on_observe"]:
-            if h.enabled and h.is_due(step):
-                self._call(h, "on_observe", obs)
+        for h in due:
+            self._call(h, "on_observe", obs)
 
     @staticmethod
     def _check_scalar(name: str, value: Any) -> Tensor | float | None:
@@ -582,7 +585,8 @@ class Guard:
                 )
             if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
                 raise TypeError(f"Guard.observe: {name} must be a real number, got a {value.dtype} tensor")
-            return value.detach().reshape(())
+            value = value.detach()
+            return value if value.dim() == 0 else value.reshape(())
         if _is_scalar_number(value):
             return float(value)
         if type(value).__module__ == "numpy" and getattr(value, "size", 0) == 1:
@@ -591,6 +595,11 @@ class Guard:
 
     @staticmethod
     def _check_batch(**batch: Any) -> None:
+        if all(v is None or (isinstance(v, Tensor) and v.dim() > 0) for v in batch.values()):
+            # The common case: tensors with a batch dimension; compare their lengths without building dicts.
+            lengths = {v.shape[0] for v in batch.values() if v is not None}
+            if len(lengths) <= 1:
+                return
         sizes = {}
         for key, value in batch.items():
             if value is None:
@@ -646,18 +655,24 @@ class Guard:
     def _before(self, index: int) -> None:
         if self._closed:
             return
+        step = self.step + 1
+        # The context (and its parameter lists) is built only on steps where some hook is due.
+        due = [h for h in self._by_method["on_before_step"] if h.enabled and h.is_due(step)]
+        if not due:
+            return
         ctx = self._contexts[index] = self._context(index)
-        step = ctx.step
-        for h in self._by_method["on_before_step"]:
-            if h.enabled and h.is_due(step):
-                self._call(h, "on_before_step", ctx)
+        for h in due:
+            self._call(h, "on_before_step", ctx)
 
     def _after(self, index: int) -> None:
         if self._closed:
             return
-        ctx = self._contexts.pop(index, None) or self._context(index)
-        for h in self._by_method["on_after_step"]:
-            if h.enabled and h.is_due(ctx.step):
+        step = self.step + 1
+        ctx = self._contexts.pop(index, None)
+        due = [h for h in self._by_method["on_after_step"] if h.enabled and h.is_due(step)]
+        if due:
+            ctx = ctx or self._context(index)
+            for h in due:
                 self._call(h, "on_after_step", ctx)
         if self.optimizers:
             self.optimizer_steps[index] += 1
@@ -693,9 +708,8 @@ class Guard:
                 parts.append(t.detach().reshape(-1).to(self.device, torch.float64))
         pending, self._pending = self._pending, {}
         for key, entries in pending.items():
-            values = [v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float64) for _, v in entries]
-            layout.append(("series", key, "mean", "mean", (len(values),)))
-            parts.append(torch.stack([v.to(self.device, torch.float64) for v in values]))
+            layout.append(("series", key, "mean", "mean", (len(entries),)))
+            parts.append(self._stack_pending([v for _, v in entries]))
         values_by_hook: dict[int, dict[str, Any]] = {id(h): {} for h in self.hooks}
         if parts:
             rows = self._distributed.gather(torch.cat(parts))
@@ -718,6 +732,27 @@ class Guard:
                 self._call(h, "on_check", CheckContext(self, self.step, values_by_hook[id(h)], final=final))
         self._flush_sinks()
 
+    def _stack_pending(self, values: list[Tensor | float]) -> Tensor:
+        """The interval's values of one stream as one float64 vector on the Guard's device.
+
+        Tensors of one device and dtype (the usual case) are stacked in one op and converted once,
+        rather than moved one by one; host floats become one tensor.
+        """
+        tensors = [v for v in values if isinstance(v, Tensor)]
+        if not tensors:
+            return torch.tensor(values, dtype=torch.float64, device=self.device)
+        first = tensors[0]
+        if len(tensors) == len(values) and all(v.device == first.device and v.dtype == first.dtype for v in tensors):
+            return torch.stack(tensors).to(self.device, torch.float64)
+        return torch.stack(
+            [
+                v.to(self.device, torch.float64)
+                if isinstance(v, Tensor)
+                else torch.tensor(v, dtype=torch.float64, device=self.device)
+                for v in values
+            ]
+        )
+
     def _commit_series(self, name: str, steps: list[int], values: np.ndarray) -> None:
         series = self._series.get(name)
         if series is None:
@@ -727,7 +762,7 @@ class Guard:
             j = i
             while j + 1 < len(steps) and steps[j + 1] == steps[i]:
                 j += 1
-            series._append(steps[i], float(values[i : j + 1].mean()))
+            series._append(steps[i], float(values[i]) if j == i else float(values[i : j + 1].mean()))
             i = j + 1
 
     # ----------------------------------------------------------------- events
