@@ -121,8 +121,7 @@ def _vectors(g: torch.Generator, n: int = 4) -> list[tuple[Tensor, Tensor]]:
 
 def _tokens(g: torch.Generator, n: int = 4) -> list[tuple[Tensor, Tensor]]:
     return [
-        (torch.randint(0, 1000, (16, 32), generator=g), torch.randint(0, 1000, (16, 32), generator=g))
-        for _ in range(n)
+        (torch.randint(0, 1000, (16, 32), generator=g), torch.randint(0, 1000, (16, 32), generator=g)) for _ in range(n)
     ]
 
 
@@ -146,14 +145,18 @@ def bank_task(n: int) -> Task:
 
 # ----------------------------------------------------------------------------- variants
 def registered_hooks(repair: bool) -> tuple[list[sg.Hook], list[str]]:
-    """One instance, with its class defaults, of every registered hook that changes training (or not).
+    """Every registered hook that changes training (``repair``) or only watches, at its default cadence.
 
-    Hooks whose constructor needs arguments (``skipped_steps`` needs a GradScaler) are left out and named.
+    Hooks of the default set come as the Guard builds them (``default_hooks``); the others with their
+    class defaults. Hooks whose constructor needs arguments (``skipped_steps`` needs a GradScaler) are
+    left out and named.
     """
-    hooks, left_out = [], []
+    hooks = [h for h in sg.default_hooks(repair=True) if h.modifies_training == repair]
+    have = {h.registry_name for h in hooks}
+    left_out = []
     for name in registry.available():
         cls = registry.get(name)
-        if cls.modifies_training != repair:
+        if cls.modifies_training != repair or name in have:
             continue
         try:
             hooks.append(cls())
@@ -169,6 +172,7 @@ VARIANTS: dict[str, tuple[str | None, bool, Callable[[], list[sg.Hook] | None] |
     "repair": ("plain", False, lambda: None, {"repair": True}),
     "all_monitors": ("plain", False, lambda: registered_hooks(repair=False)[0], {}),
     "all_repairs": ("plain", False, lambda: registered_hooks(repair=True)[0], {}),
+    "grad_norm_every_step": ("plain", False, lambda: [sg.GradNormMonitor()], {}),
     "plain_clip": (None, True, None, {}),
     "clipper": ("plain_clip", False, lambda: [sg.GradientClipper(mode="norm", max_norm=1.0, nonfinite="ignore")], {}),
     "clipper_skip": ("plain_clip", False, lambda: [sg.GradientClipper(mode="norm", max_norm=1.0)], {}),
@@ -176,8 +180,9 @@ VARIANTS: dict[str, tuple[str | None, bool, Callable[[], list[sg.Hook] | None] |
 DESCRIPTIONS = {
     "default": "Guard(model, opt): the default hooks",
     "repair": "Guard(model, opt, repair=True)",
-    "all_monitors": "every registered monitor, class defaults (GradNormMonitor every step)",
-    "all_repairs": "every registered repair hook, class defaults",
+    "all_monitors": "every registered monitor, default cadence",
+    "all_repairs": "every registered repair hook, default settings",
+    "grad_norm_every_step": "GradNormMonitor() alone, every step (the cost of one gradient norm per step)",
     "clipper": "GradientClipper(mode='norm', max_norm=1, nonfinite='ignore') vs clip_grad_norm_(max_norm=1)",
     "clipper_skip": "GradientClipper(mode='norm', max_norm=1) (nonfinite='skip') vs clip_grad_norm_(max_norm=1)",
 }
@@ -364,16 +369,15 @@ def measure_memory(models: list[str], device: torch.device, steps: int, threads:
             ]
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, check=True)
             rows[v] = json.loads(done.stdout.strip().splitlines()[-1])
-        for v, row in rows.items():
+        for row in rows.values():
             row["rss_delta_mib"] = (row["max_rss_kib"] - rows["plain"]["max_rss_kib"]) / 1024
             if "cuda_max_allocated" in row:
                 row["cuda_delta_mib"] = (row["cuda_max_allocated"] - rows["plain"]["cuda_max_allocated"]) / 2**20
         results[m] = rows
-        print(
-            f"[{device.type}] memory {m}: "
-            + ", ".join(f"{v} {r['rss_delta_mib']:+.1f} MiB RSS, {r['state_bytes'] / 1024:.1f} KiB state" for v, r in rows.items()),
-            flush=True,
+        summary = ", ".join(
+            f"{v} {r['rss_delta_mib']:+.1f} MiB RSS, {r['state_bytes'] / 1024:.1f} KiB state" for v, r in rows.items()
         )
+        print(f"[{device.type}] memory {m}: {summary}", flush=True)
     return results
 
 
@@ -441,7 +445,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"Not in the all-hooks variants (need arguments): {', '.join(result['left_out'])}.", ""]
     if result.get("memory"):
         for dev, per_model in result["memory"].items():
-            lines += [f"### Memory, {dev}", "", "| model | variant | peak RSS delta | hook state |", "|---|---|---|---|"]
+            lines += [f"### Memory, {dev}", "", "| model | variant | peak RSS delta | hook state |"]
+            lines.append("|---|---|---|---|")
             for mm, rows in per_model.items():
                 for v, r in rows.items():
                     if v == "plain":
@@ -487,7 +492,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-cuda", action="store_true")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/overhead.json; quick: none)")
-    parser.add_argument("--markdown", default=None, help="RESULTS.md to update (default benchmarks/RESULTS.md; quick: none)")
+    parser.add_argument(
+        "--markdown", default=None, help="RESULTS.md to update (default benchmarks/RESULTS.md; quick: none)"
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
