@@ -464,7 +464,9 @@ class PlateauDetector(Hook):
             self._set_best(level, win, step)
             return out
         improved = self._better(level, self.best) and (
-            self.window == 1 or self.noise_z == 0 or _rank_z(self._sign() * np.asarray(win), self._sign_sorted()) >= self.noise_z
+            self.window == 1
+            or self.noise_z == 0
+            or _rank_z(self._sign() * np.asarray(win), self._sign_sorted()) >= self.noise_z
         )
         # Divergence: the level far worse than the best window (non-finite values are counted in update()).
         bound = self._divergence_bound(self.best)
