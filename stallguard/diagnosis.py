@@ -132,6 +132,8 @@ class _Finding:
     events: list[Event]
     advice: str
     notes: list[str] = field(default_factory=list)
+    after_blowup: bool = False  # non_finite: the NaN followed diverging loss, updates or gradients
+    onset: int | None = None  # the first step of the finding's own evidence, where the rule knows it
 
 
 def _cite(e: Event) -> str:
@@ -170,6 +172,23 @@ def _conf(e: Event, default: float) -> float:
     return e.confidence if e.confidence is not None else default
 
 
+def _onset(e: Event) -> int:
+    """The first step an event's evidence covers: its ``first_step``, its first sampled step, or its step."""
+    first = e.data.get("first_step")
+    if isinstance(first, int) and not isinstance(first, bool):
+        return first
+    steps = e.data.get("steps")
+    if isinstance(steps, (tuple, list)) and steps and all(isinstance(s, int) for s in steps):
+        return min(steps)
+    return e.step
+
+
+def _finite_ratio(e: Event) -> bool:
+    """False for an update-ratio event whose ratio is NaN/Inf: it measures NaN weights, not the step size."""
+    ratio = _num(e.data.get("median_ratio", e.data.get("ratio", 0.0)), 0.0)
+    return math.isfinite(ratio)
+
+
 # ---------------------------------------------------------------------------------------------- rules
 # Each rule looks at the facts and returns at most one finding for its cause.
 Rule = Callable[[_Facts], "_Finding | None"]
@@ -199,6 +218,10 @@ def _missing_zero_grad(f: _Facts) -> _Finding | None:
 def _params_not_updated(f: _Facts) -> _Finding | None:
     kinds = ("optimizer_params_not_in_model", "params_not_in_optimizer", "grads_missing", "weights_frozen")
     evs = [e for e in f.all(*kinds) if e.severity >= Severity.WARNING]
+    # Weights that stop moving once the loss has converged are done, not stuck: frozen weights count
+    # only while the loss stalls or goes wrong. The construction bugs count whatever the loss does.
+    if not f.stalled:
+        evs = [e for e in evs if e.kind != "weights_frozen"]
     if not evs:
         return None
     advice = {
@@ -228,27 +251,39 @@ def _non_finite(f: _Facts) -> _Finding | None:
     if not evs:
         return None
     first = evs[0]
-    where = str(first.data.get("where", "inputs" if first.kind == "nonfinite_inputs" else ""))
-    # NaN after the loss or the updates had already blown up is the end of another story.
+    # NonFinite names where the first NaN/Inf appeared; InputStats reports NaN in the inputs directly.
+    located = next((e for e in evs if e.kind == "nonfinite"), None)
+    where = str(located.data.get("where", "")) if located is not None else ""
+    if not where and f.has("nonfinite_inputs"):
+        where = "inputs"
+    nan_onset = min(_onset(e) for e in evs)
+    # NaN after the loss or the updates had already blown up is the end of another story. The check
+    # point that first reports the NaN counts: its exploding norms and loss values are the finite ones,
+    # and weights that turned NaN stay NaN, so they came before it.
     earlier = [
         e
-        for e in f.all("update_ratio_high", "exploding_gradients", "oscillation")
+        for e in f.all("exploding_gradients", "oscillation")
         + [d for d in f.all("divergence") if d.data.get("reason") in ("explosion", "rise")]
-        if e.step < first.step
+        if e.step <= first.step and (e.kind != "divergence" or _onset(e) < nan_onset or e.step < first.step)
     ]
-    confidence = 0.9 if not earlier else 0.45
+    earlier += [e for e in f.all("update_ratio_high") if _finite_ratio(e) and _onset(e) < nan_onset]
+    earlier.sort(key=lambda e: e.step)
     if where == "inputs":
         advice = (
             "The inputs hold NaN/Inf: clean or impute them in the data pipeline "
             "(check the files, the scaling, any division)."
         )
         confidence = 0.95
+        earlier = []  # NaN in the data is a data bug whatever the updates did
     else:
         advice = (
             "Find the operation that makes NaN/Inf: use F.cross_entropy / log_softmax instead of log(softmax), "
             "add an eps to divisions and logs, clamp exponents; run with repair=True to skip such steps meanwhile."
         )
+        confidence = 0.9 if not earlier else 0.45
     finding = _Finding("non_finite", confidence, evs, advice)
+    finding.after_blowup = bool(earlier)
+    finding.onset = nan_onset
     if earlier:
         finding.notes.append(f"the loss or the updates were already blowing up before (step {earlier[0].step})")
     return finding
@@ -256,7 +291,7 @@ def _non_finite(f: _Facts) -> _Finding | None:
 
 @_rule
 def _lr_too_high(f: _Facts) -> _Finding | None:
-    high = f.all("update_ratio_high")
+    high = [e for e in f.all("update_ratio_high") if _finite_ratio(e)]
     div = [e for e in f.all("divergence") if e.data.get("reason") in ("explosion", "rise")]
     osc = f.all("oscillation")
     nonfinite_div = [e for e in f.all("divergence") if e.data.get("reason") == "non_finite"]
@@ -284,7 +319,7 @@ def _lr_too_high(f: _Facts) -> _Finding | None:
 
 @_rule
 def _lr_too_low(f: _Facts) -> _Finding | None:
-    low = f.all("update_ratio_low")
+    low = [e for e in f.all("update_ratio_low") if _finite_ratio(e)]
     if not low:
         return None
     stall = f.first("plateau", "loss_at_chance")
@@ -446,7 +481,7 @@ def _exploding(f: _Facts) -> _Finding | None:
     if blew_up is None:
         return None
     confidence = _combine(*(_conf(e, 0.7) for e in evs[:2]), 0.4)
-    high = f.first("update_ratio_high")
+    high = next((e for e in f.all("update_ratio_high") if _finite_ratio(e)), None)
     if high is not None and high.step < evs[0].step:
         confidence *= 0.7  # big updates came first: the learning rate is the better explanation
     return _Finding(
@@ -520,36 +555,113 @@ def _overfitting(f: _Facts) -> _Finding | None:
     )
 
 
-def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
-    """Rank root causes above the symptoms they explain."""
+def _first_step(finding: _Finding | None) -> int | None:
+    if finding is None or not finding.events:
+        return None
+    return finding.onset if finding.onset is not None else min(_onset(e) for e in finding.events)
 
-    def below(symptom: str, root: str, why: str) -> None:
+
+# Causes whose symptoms stop a model from learning: a loss stuck at chance next to any of them is their
+# effect, not evidence that the labels carry no signal.
+_STALLERS = (
+    "lr_too_high",
+    "lr_too_low",
+    "bad_init",
+    "over_regularization",
+    "unnormalized_inputs",
+    "dying_relu",
+    "saturated_activations",
+    "vanishing_gradients",
+    "exploding_gradients",
+    "missing_zero_grad",
+    "params_not_updated",
+    "non_finite",
+)
+
+
+def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
+    """Rank root causes above the symptoms they explain.
+
+    Each rule moves a symptom's finding just below its root cause's (never above it); the order of the
+    rules matters where chains form (a high LR kills units, dead units starve the first layers of
+    gradient), so roots are settled before the symptoms that hang on them.
+    """
+
+    def below(symptom: str, root: str, why: str, when: bool = True) -> None:
         s, r = findings.get(symptom), findings.get(root)
-        if s is not None and r is not None and s.confidence >= r.confidence:
+        if when and s is not None and r is not None and s.confidence >= r.confidence:
             s.confidence = max(0.05, r.confidence - 0.05)
             s.notes.append(why)
 
-    lr_high = findings.get("lr_too_high")
-    dead = findings.get("dying_relu")
-    if lr_high is not None and dead is not None:
-        first_lr = min(e.step for e in lr_high.events)
-        if first_lr <= min(e.step for e in dead.events):
-            below("dying_relu", "lr_too_high", "the updates were too large before the units died")
+    def starts_before(root: str, symptom: str) -> bool:
+        r, s = _first_step(findings.get(root)), _first_step(findings.get(symptom))
+        return r is not None and s is not None and r <= s
+
+    nonfinite = findings.get("non_finite")
+    below("lr_too_high", "missing_zero_grad", "piled-up gradients make the updates grow step after step")
+    below("exploding_gradients", "missing_zero_grad", "piled-up gradients grow step after step")
+    below(
+        "non_finite",
+        "lr_too_high",
+        "the NaN followed diverging updates",
+        when=nonfinite is not None and nonfinite.after_blowup,
+    )
+    below(
+        "non_finite",
+        "exploding_gradients",
+        "the NaN followed exploding gradients",
+        when=nonfinite is not None and nonfinite.after_blowup,
+    )
+    below(
+        "dying_relu",
+        "lr_too_high",
+        "the updates were too large before the units died",
+        when=starts_before("lr_too_high", "dying_relu"),
+    )
+    below(
+        "dying_relu",
+        "non_finite",
+        "NaN weights make every unit look dead",
+        when=starts_before("non_finite", "dying_relu"),
+    )
     for root in ("unnormalized_inputs", "bad_init"):
         below("saturated_activations", root, f"{root} drives the units into saturation")
         below("dying_relu", root, f"{root} can push units into the dead region")
         below("exploding_gradients", root, f"{root} inflates the gradients")
         below("vanishing_gradients", root, f"{root} shrinks the gradients")
-    below("non_finite", "lr_too_high", "the NaN followed diverging updates")
-    below("non_finite", "exploding_gradients", "the NaN followed exploding gradients")
-    below("no_signal", "lr_too_low", "a loss stuck at chance with tiny updates is a learning rate problem")
-    below("no_signal", "insufficient_capacity", "the model cannot represent the task")
+    below("vanishing_gradients", "over_regularization", "weights held near zero pass almost no gradient back")
+    below("vanishing_gradients", "saturated_activations", "saturated units pass almost no gradient back")
+    below("vanishing_gradients", "dying_relu", "dead units pass no gradient back to the layers before them")
+    below(
+        "vanishing_gradients",
+        "exploding_gradients",
+        "the last layers' gradients exploded, which makes the first layers' look small",
+        when=starts_before("exploding_gradients", "vanishing_gradients"),
+    )
+    only_frozen = all(e.kind == "weights_frozen" for e in (findings.get("params_not_updated") or _NONE).events)
+    below(
+        "params_not_updated",
+        "vanishing_gradients",
+        "updates from vanishing gradients fall below the weights' float resolution",
+        when=only_frozen,
+    )
+    below(
+        "lr_too_low",
+        "dying_relu",
+        "dead units pass no gradient, so the weights before them stop moving",
+        when=starts_before("dying_relu", "lr_too_low"),
+    )
+    below("lr_too_low", "vanishing_gradients", "vanishing gradients make the updates of the first layers tiny")
+    below("lr_too_low", "saturated_activations", "saturated units pass almost no gradient, so updates are tiny")
     below("lr_too_low", "params_not_updated", "parameters that are never updated look like tiny updates")
     below("lr_too_low", "missing_zero_grad", "piled-up gradients distort the updates")
-    below("lr_too_high", "missing_zero_grad", "piled-up gradients make the updates grow step after step")
-    below("exploding_gradients", "missing_zero_grad", "piled-up gradients grow step after step")
-    below("saturated_activations", "vanishing_gradients", "saturation is how the gradients vanish here")
+    below("no_signal", "insufficient_capacity", "the model cannot represent the task")
+    for root in _STALLERS:
+        below("no_signal", root, f"{root} keeps the model from learning, which leaves the loss at chance")
     below("class_imbalance", "no_signal", "a stuck model predicts the majority class")
+
+
+_NONE = _Finding("no_signal", 0.0, [], "")
 
 
 def diagnose(events: Sequence[Event], guard: Guard | None = None) -> list[Diagnosis]:
