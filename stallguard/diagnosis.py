@@ -558,7 +558,8 @@ def _overfitting(f: _Facts) -> _Finding | None:
 def _first_step(finding: _Finding | None) -> int | None:
     if finding is None or not finding.events:
         return None
-    return finding.onset if finding.onset is not None else min(_onset(e) for e in finding.events)
+    # The check point that first reported the finding; non_finite knows the exact step of the first NaN.
+    return finding.onset if finding.onset is not None else min(e.step for e in finding.events)
 
 
 # Causes whose symptoms stop a model from learning: a loss stuck at chance next to any of them is their
@@ -589,8 +590,11 @@ def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
 
     def below(symptom: str, root: str, why: str, when: bool = True) -> None:
         s, r = findings.get(symptom), findings.get(root)
-        if when and s is not None and r is not None and s.confidence >= r.confidence:
+        if not when or s is None or r is None:
+            return
+        if s.confidence >= r.confidence:
             s.confidence = max(0.05, r.confidence - 0.05)
+        if why not in s.notes:
             s.notes.append(why)
 
     def starts_before(root: str, symptom: str) -> bool:
@@ -656,8 +660,11 @@ def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
     below("lr_too_low", "params_not_updated", "parameters that are never updated look like tiny updates")
     below("lr_too_low", "missing_zero_grad", "piled-up gradients distort the updates")
     below("no_signal", "insufficient_capacity", "the model cannot represent the task")
-    for root in _STALLERS:
-        below("no_signal", root, f"{root} keeps the model from learning, which leaves the loss at chance")
+    stallers = [c for c in _STALLERS if c in findings]
+    for root in sorted(stallers, key=lambda c: -findings[c].confidence):
+        below(
+            "no_signal", root, f"{', '.join(stallers)} keep(s) the model from learning, which leaves the loss at chance"
+        )
     below("class_imbalance", "no_signal", "a stuck model predicts the majority class")
 
 
@@ -718,9 +725,9 @@ def diagnose(events: Sequence[Event], guard: Guard | None = None) -> list[Diagno
 # ---------------------------------------------------------------------------------------------- report
 def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()
     out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(out)
 
 
