@@ -434,9 +434,9 @@ DEMOS: dict[str, Demo] = {
             "exploding_gradients",
             "vanilla RNN with recurrent weights 3x too large",
             _exploding_gradients,
-            200,
+            150,
         ),
-        Demo("class_imbalance", "class_imbalance", "MLP on labels that are 95% class 0", _class_imbalance, 200),
+        Demo("class_imbalance", "class_imbalance", "MLP on labels that are 95% class 0", _class_imbalance),
         Demo("missing_zero_grad", "missing_zero_grad", "GRU classifier, loop without zero_grad()", _missing_zero_grad),
         Demo(
             "params_not_updated",

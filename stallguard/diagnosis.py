@@ -110,6 +110,21 @@ class _Facts:
     def stalled(self) -> bool:
         return self.stall is not None
 
+    @property
+    def calm_explosion(self) -> Event | None:
+        """The first ``exploding_gradients`` that grew out of a calm stretch, if the gradients exploded so.
+
+        GradNormMonitor's growth rule compares an interval with a baseline of earlier, normal gradient
+        norms; when no divergence or oscillation came before it, the loss was fine until the gradients
+        blew up, and the loss trouble that follows is the explosion's doing, not the learning rate's.
+        """
+        explode = next((e for e in self.all("exploding_gradients") if "growth" in (e.data.get("rules") or ())), None)
+        if explode is None:
+            return None
+        if any(e.step < explode.step for e in self.all("divergence", "oscillation")):
+            return None
+        return explode
+
     def learning_rates(self) -> list[float]:
         """The current learning rate of every param group of the Guard's optimizers."""
         if self.guard is None:
@@ -295,6 +310,10 @@ def _lr_too_high(f: _Facts) -> _Finding | None:
     div = [e for e in f.all("divergence") if e.data.get("reason") in ("explosion", "rise")]
     osc = f.all("oscillation")
     nonfinite_div = [e for e in f.all("divergence") if e.data.get("reason") == "non_finite"]
+    calm = f.calm_explosion
+    if calm is not None:
+        # The loss was fine until the gradients exploded: what went wrong from then on is the explosion's.
+        div, osc, nonfinite_div = [], [], []
     evs = high + div + osc
     if not evs:
         return None
@@ -482,8 +501,8 @@ def _exploding(f: _Facts) -> _Finding | None:
         return None
     confidence = _combine(*(_conf(e, 0.7) for e in evs[:2]), 0.4)
     high = next((e for e in f.all("update_ratio_high") if _finite_ratio(e)), None)
-    if high is not None and high.step < evs[0].step:
-        confidence *= 0.7  # big updates came first: the learning rate is the better explanation
+    if high is not None and high.step < evs[0].step and f.calm_explosion is None:
+        confidence *= 0.7  # big updates came first and trouble followed: the learning rate explains more
     return _Finding(
         "exploding_gradients",
         confidence,
@@ -654,6 +673,18 @@ def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
         "dying_relu",
         "dead units pass no gradient, so the weights before them stop moving",
         when=starts_before("dying_relu", "lr_too_low"),
+    )
+    below(
+        "lr_too_low",
+        "lr_too_high",
+        "updates look small next to weights that a too-high learning rate blew up",
+        when=starts_before("lr_too_high", "lr_too_low"),
+    )
+    below(
+        "lr_too_low",
+        "exploding_gradients",
+        "updates look small next to weights that exploding gradients blew up",
+        when=starts_before("exploding_gradients", "lr_too_low"),
     )
     below("lr_too_low", "vanishing_gradients", "vanishing gradients make the updates of the first layers tiny")
     below("lr_too_low", "saturated_activations", "saturated units pass almost no gradient, so updates are tiny")
