@@ -328,11 +328,11 @@ def _class_imbalance(seed: int) -> Run:
     gen = torch.Generator().manual_seed(seed)
     n, d = 4096, 20
     y = torch.where(torch.rand(n, generator=gen) < 0.95, 0, torch.randint(1, 4, (n,), generator=gen))
-    centers = torch.randn(4, d, generator=gen) * 0.3
+    centers = torch.randn(4, d, generator=gen) * 0.1
     x = centers[y] + torch.randn(n, d, generator=gen)
     model = _mlp(d, 4, hidden=32, depth=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    return Run(model, opt, _supervised(model, opt, x, y, gen), steps=300)
+    return Run(model, opt, _supervised(model, opt, x, y, gen, batch=256), steps=300)
 
 
 def _missing_zero_grad(seed: int) -> Run:

@@ -429,12 +429,13 @@ def _class_imbalance(f: _Facts) -> _Finding | None:
     imb = f.all("class_imbalance")
     if not imb:
         return None
-    collapsed = f.all("predictions_collapsed")
+    # TargetStats names class_imbalance as the cause of a collapse or a loss at chance on imbalanced labels.
+    collapsed = [e for e in f.all("predictions_collapsed", "loss_at_chance") if "no_signal" not in e.causes]
     if not collapsed and not f.stalled:
         return None  # imbalanced data that is being learned fine is not a failure
     return _Finding(
         "class_imbalance",
-        _combine(*(_conf(e, 0.6) for e in imb), *(_conf(e, 0.6) for e in collapsed)),
+        _combine(*(_conf(e, 0.6) for e in imb), *(_conf(e, 0.6) for e in collapsed[:2])),
         sorted(imb + collapsed, key=lambda e: e.step),
         "Reweight the loss (CrossEntropyLoss(weight=...) with inverse class frequencies) or resample with a "
         "WeightedRandomSampler, and judge the model by per-class recall or F1 rather than accuracy.",
@@ -515,7 +516,8 @@ def _exploding(f: _Facts) -> _Finding | None:
 
 @_rule
 def _no_signal(f: _Facts) -> _Finding | None:
-    chance = f.all("loss_at_chance")
+    # A loss at chance that its emitter puts down to imbalanced labels is class_imbalance's evidence.
+    chance = [e for e in f.all("loss_at_chance") if "class_imbalance" not in e.causes]
     constant = [e for e in f.all("constant_features") if "no_signal" in e.causes]
     collapsed = [e for e in f.all("predictions_collapsed") if "no_signal" in e.causes]
     if not chance and not constant:
