@@ -18,12 +18,7 @@ PENDING = {
     "lr_too_low": "needs UpdateRatio (update_ratio_low)",
     "bad_init": "needs InitCheck (bad_init)",
     "over_regularization": "needs Regularization (over_regularization)",
-    "unnormalized_inputs": "needs InputStats (inputs_unnormalized)",
     "saturated_activations": "needs SaturationCheck (saturated_activations)",
-    "class_imbalance": "needs TargetStats (class_imbalance, predictions_collapsed)",
-    "missing_zero_grad": "needs ZeroGradCheck (grads_not_cleared)",
-    "params_not_updated": "needs StaleParams (optimizer_params_not_in_model)",
-    "no_signal": "needs TargetStats (loss_at_chance)",
     "insufficient_capacity": "needs CapacityCheck (capacity_limited)",
     "overfitting": "needs Overfit (overfitting)",
 }
