@@ -583,6 +583,11 @@ def _first_step(finding: _Finding | None) -> int | None:
     return finding.onset if finding.onset is not None else min(e.step for e in finding.events)
 
 
+# Causes read from symptoms that many causes can produce: however strong the symptom, the finding stays
+# below certainty, so that a bug with direct evidence (a detached graph, a missing zero_grad) outranks it.
+_SYMPTOMS = ("dying_relu", "saturated_activations", "vanishing_gradients", "exploding_gradients")
+_SYMPTOM_CAP = 0.95
+
 # Causes whose symptoms stop a model from learning: a loss stuck at chance next to any of them is their
 # effect, not evidence that the labels carry no signal.
 _STALLERS = (
@@ -731,6 +736,8 @@ def diagnose(events: Sequence[Event], guard: Guard | None = None) -> list[Diagno
     for rule in _RULES:
         found = rule(facts)
         if found is not None and found.confidence > 0:
+            if found.cause in _SYMPTOMS:
+                found.confidence = min(found.confidence, _SYMPTOM_CAP)
             findings[found.cause] = found
     _explain(findings, facts)
     ranked = sorted(findings.values(), key=lambda x: (-x.confidence, x.cause))

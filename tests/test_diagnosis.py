@@ -132,6 +132,63 @@ def test_exploding_gradients_before_the_nan_rank_above_it() -> None:
     assert found.index("non_finite") > found.index("exploding_gradients")
 
 
+def test_gradients_that_explode_after_a_calm_stretch_outrank_an_early_high_update_ratio() -> None:
+    # The loss fell for 80 steps, then the gradient norm jumped 10^4x: the explosion, not the LR.
+    events = [
+        ev("update_ratio_high", 25, source="UpdateRatio", conf=0.8, median_ratio=0.23, steps=[1, 11]),
+        ev("exploding_gradients", 100, source="GradNormMonitor", conf=1.0, rules=["growth"], growth=3.4e4),
+        ev("divergence", 100, "error", source="PlateauDetector", reason="explosion", ratio=7e8),
+        ev("oscillation", 125, source="PlateauDetector"),
+    ]
+    found = causes(events)
+    assert found[0] == "exploding_gradients"
+    assert found.index("lr_too_high") > 0
+
+
+def test_a_loss_that_diverged_before_the_gradients_grew_keeps_lr_too_high_first() -> None:
+    events = [
+        ev("update_ratio_high", 25, source="UpdateRatio", conf=0.8, median_ratio=1.2, steps=[1, 11]),
+        ev("divergence", 25, "error", source="PlateauDetector", reason="explosion", ratio=2.5e20),
+        ev("exploding_gradients", 50, source="GradNormMonitor", conf=1.0, rules=["growth"], growth=3e10),
+        ev("nonfinite", 50, "error", source="NonFinite", where="loss", first_step=39),
+    ]
+    found = causes(events)
+    assert found[0] == "lr_too_high"
+    assert found.index("non_finite") > found.index("exploding_gradients")
+
+
+def test_dead_units_explain_vanishing_gradients_and_tiny_updates() -> None:
+    events = [
+        ev("dead_units", 25, source="DeadReLUCounter", layers=["1", "3"], max_fraction=1.0),
+        ev("vanishing_gradients", 50, source="GradNormMonitor", conf=1.0, ratio=0.0),
+        ev("update_ratio_low", 50, source="UpdateRatio", conf=0.8, median_ratio=1e-8),
+        PLATEAU,
+    ]
+    found = sg.diagnose(events)
+    assert found[0].cause == "dying_relu"
+    assert {"vanishing_gradients", "lr_too_low"} <= {d.cause for d in found[1:]}
+
+
+def test_frozen_weights_from_vanished_gradients_are_the_vanishing_gradients() -> None:
+    events = [
+        ev("vanishing_gradients", 25, conf=1.0, ratio=1e-7),
+        ev("weights_frozen", 50, source="StaleParams", conf=0.9, parameters=["0.weight"]),
+        PLATEAU,
+    ]
+    assert causes(events)[:2] == ["vanishing_gradients", "params_not_updated"]
+    # A construction bug is not explained away by vanishing gradients.
+    events.append(ev("grads_missing", 1, "error", source="StaleParams", conf=0.95))
+    assert causes(events)[0] == "params_not_updated"
+
+
+def test_a_loss_at_chance_put_down_to_imbalanced_labels_is_class_imbalance() -> None:
+    events = [
+        ev("class_imbalance", 50, source="TargetStats", conf=0.9),
+        sg.Event(kind="loss_at_chance", severity="warning", message="at chance", step=250, causes=("class_imbalance",)),
+    ]
+    assert causes(events) == ["class_imbalance"]
+
+
 def test_plateau_with_tiny_updates_is_lr_too_low() -> None:
     events = [
         ev("update_ratio_low", 100, source="UpdateRatio", conf=0.8, median_ratio=2e-7, steps=[60, 90]),
