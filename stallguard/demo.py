@@ -467,6 +467,17 @@ def live_printer(out: Callable[[str], None] = print) -> Callable[[Any], None]:
     The first event of a kind from a hook is printed in full; repeats of it are printed only at the
     2nd, 4th, 8th, ... occurrence, with the count, so a fault reported at every check point does not
     flood the screen (the report at the end folds them the same way).
+
+    Args:
+        out: Where to print each line.
+
+    Example:
+        >>> import stallguard as sg
+        >>> show = live_printer()
+        >>> for step in (25, 50, 75):
+        ...     show(sg.Event(kind="plateau", severity="warning", message="flat", step=step))
+          step    25  warning  plateau                flat
+          step    50  warning  plateau                flat (x2)
     """
     seen: dict[tuple[str, str], int] = {}
 
