@@ -13,20 +13,6 @@ from stallguard.demo import DEMOS, run_demo
 
 FAULTS = [name for name, demo in DEMOS.items() if demo.cause is not None]
 
-# Causes whose evidence comes from checks that are not in the default hook set yet.
-PENDING = {
-    "lr_too_low": "needs UpdateRatio (update_ratio_low)",
-    "bad_init": "needs InitCheck (bad_init)",
-    "over_regularization": "needs Regularization (over_regularization)",
-    "saturated_activations": "needs SaturationCheck (saturated_activations)",
-    "insufficient_capacity": "needs CapacityCheck (capacity_limited)",
-    "overfitting": "needs Overfit (overfitting)",
-}
-CASES = [
-    pytest.param(name, marks=pytest.mark.xfail(reason=PENDING[name], strict=True)) if name in PENDING else name
-    for name in FAULTS
-]
-
 
 def run(name: str) -> sg.Guard:
     demo = DEMOS[name]
@@ -37,7 +23,7 @@ def test_there_is_a_demo_for_every_cause() -> None:
     assert sorted(DEMOS[name].cause for name in FAULTS) == sorted(sg.CAUSES)
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", FAULTS)
 def test_demo_fault_is_diagnosed_first(name: str) -> None:
     guard = run(name)
     found = guard.diagnose()
