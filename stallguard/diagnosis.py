@@ -198,6 +198,13 @@ def _onset(e: Event) -> int:
     return e.step
 
 
+def _frozen_by_underflow(e: Event) -> bool:
+    """A ``weights_frozen`` whose updates round away in low precision: a step size problem, not a loop bug."""
+    return e.data.get("reason") == "update_underflow" or (
+        "lr_too_low" in e.causes and "params_not_updated" not in e.causes
+    )
+
+
 def _finite_ratio(e: Event) -> bool:
     """False for an update-ratio event whose ratio is NaN/Inf: it measures NaN weights, not the step size."""
     ratio = _num(e.data.get("median_ratio", e.data.get("ratio", 0.0)), 0.0)
@@ -233,10 +240,13 @@ def _missing_zero_grad(f: _Facts) -> _Finding | None:
 def _params_not_updated(f: _Facts) -> _Finding | None:
     kinds = ("optimizer_params_not_in_model", "params_not_in_optimizer", "grads_missing", "weights_frozen")
     evs = [e for e in f.all(*kinds) if e.severity >= Severity.WARNING]
-    # Weights that stop moving once the loss has converged are done, not stuck: frozen weights count
-    # only while the loss stalls or goes wrong. The construction bugs count whatever the loss does.
+    # Frozen weights that the emitter puts down to updates below the float resolution are lr_too_low's.
+    evs = [e for e in evs if not (e.kind == "weights_frozen" and _frozen_by_underflow(e))]
+    # Weights that stop moving once the loss has converged are done, not stuck: weights measured not to
+    # move count only while the loss stalls or goes wrong. Direct findings (a group with lr=0, the
+    # construction bugs) count whatever the loss does.
     if not f.stalled:
-        evs = [e for e in evs if e.kind != "weights_frozen"]
+        evs = [e for e in evs if e.kind != "weights_frozen" or e.data.get("reason") == "lr_zero"]
     if not evs:
         return None
     advice = {
@@ -339,6 +349,8 @@ def _lr_too_high(f: _Facts) -> _Finding | None:
 @_rule
 def _lr_too_low(f: _Facts) -> _Finding | None:
     low = [e for e in f.all("update_ratio_low") if _finite_ratio(e)]
+    low += [e for e in f.all("weights_frozen") if _frozen_by_underflow(e)]
+    low.sort(key=lambda e: e.step)
     if not low:
         return None
     stall = f.first("plateau", "loss_at_chance")
@@ -659,6 +671,11 @@ def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
         below("dying_relu", root, f"{root} can push units into the dead region")
         below("exploding_gradients", root, f"{root} inflates the gradients")
         below("vanishing_gradients", root, f"{root} shrinks the gradients")
+    below(
+        "over_regularization",
+        "insufficient_capacity",
+        "a model that cannot fit the task settles where the loss gradient itself points along the weights",
+    )
     below("vanishing_gradients", "over_regularization", "weights held near zero pass almost no gradient back")
     below("vanishing_gradients", "saturated_activations", "saturated units pass almost no gradient back")
     below("vanishing_gradients", "dying_relu", "dead units pass no gradient back to the layers before them")

@@ -261,6 +261,34 @@ def test_frozen_weights_count_only_while_the_loss_stalls() -> None:
     assert causes([frozen, PLATEAU]) == ["params_not_updated"]
 
 
+def test_a_param_group_with_lr_zero_is_named_without_a_stall() -> None:
+    frozen = ev("weights_frozen", 20, source="StaleParams", conf=0.9, reason="lr_zero", params=["l1.weight"])
+    assert causes([frozen]) == ["params_not_updated"]
+
+
+def test_weights_frozen_by_low_precision_underflow_are_lr_too_low() -> None:
+    frozen = sg.Event(
+        kind="weights_frozen",
+        severity="warning",
+        message="updates round away in bf16",
+        step=10,
+        causes=("lr_too_low",),
+        confidence=0.7,
+        data={"reason": "update_underflow", "params": ["weight"]},
+    )
+    assert causes([frozen, PLATEAU]) == ["lr_too_low"]
+
+
+def test_a_model_that_cannot_fit_is_not_over_regularized() -> None:
+    # A linear model on XOR settles at zero weights, where the loss gradient points along the weights.
+    events = [
+        ev("capacity_limited", 0, "info", source="CapacityCheck", reason="linear_model"),
+        ev("over_regularization", 50, source="Regularization", conf=0.8),
+        PLATEAU,
+    ]
+    assert causes(events)[:2] == ["insufficient_capacity", "over_regularization"]
+
+
 def test_construction_bugs_are_named_whatever_the_loss_does() -> None:
     wrong_model = ev("optimizer_params_not_in_model", 1, "error", source="StaleParams", conf=0.95)
     found = sg.diagnose([wrong_model])
