@@ -88,6 +88,32 @@ class _Facts:
         self.by_kind: dict[str, list[Event]] = {}
         for e in self.events:
             self.by_kind.setdefault(e.kind, []).append(e)
+        self._drop_left_chance()
+
+    def _recent_loss(self) -> float:
+        """The median of the last 50 observed losses, when the Guard is at hand (NaN otherwise)."""
+        if self.guard is None or not self.guard.has_series("loss"):
+            return math.nan
+        recent = [v for v in self.guard.series("loss").last(50) if math.isfinite(v)]
+        return float(sorted(recent)[len(recent) // 2]) if recent else math.nan
+
+    def _drop_left_chance(self) -> None:
+        """Forget ``loss_at_chance`` reports that the run has since left behind.
+
+        A model that sat at the chance level for a while and then learned (a slow start) is not stuck:
+        when the recent losses lie clearly below the chance level the event quoted (twice its margin),
+        the report is history, not evidence.
+        """
+        reports = self.by_kind.get("loss_at_chance")
+        recent = self._recent_loss()
+        if not reports or math.isnan(recent):
+            return
+        kept = []
+        for e in reports:
+            chance, margin = _num(e.data.get("chance")), _num(e.data.get("margin"), 0.05)
+            if not (math.isfinite(chance) and recent < (1.0 - 2.0 * margin) * chance):
+                kept.append(e)
+        self.by_kind["loss_at_chance"] = kept
 
     def all(self, *kinds: str) -> list[Event]:
         """Every event of these kinds, in time order."""
@@ -103,8 +129,19 @@ class _Facts:
 
     @property
     def stall(self) -> Event | None:
-        """The first sign that the loss stopped improving or went wrong, if any."""
-        return self.first("plateau", "divergence", "loss_at_chance", "nonfinite")
+        """The first sign that the loss stopped improving or went wrong and has not recovered since, if any.
+
+        NaN always counts. A plateau or divergence counts unless PlateauDetector reported ``recovered``
+        after it and nothing stalled again after that: a run whose loss improves again is not stalled.
+        """
+        nonfinite = self.first("nonfinite")
+        recovered = self.all("recovered")
+        since = recovered[-1].step if recovered else -1
+        current = [e for e in self.all("plateau", "divergence", "loss_at_chance") if e.step >= since]
+        if recovered and not current:
+            return nonfinite
+        found = [e for e in (self.first("plateau", "divergence", "loss_at_chance"), nonfinite) if e is not None]
+        return min(found, key=lambda e: e.step) if found else None
 
     @property
     def stalled(self) -> bool:

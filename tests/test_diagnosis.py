@@ -289,6 +289,30 @@ def test_a_model_that_cannot_fit_is_not_over_regularized() -> None:
     assert causes(events)[:2] == ["insufficient_capacity", "over_regularization"]
 
 
+def test_a_stall_the_loss_recovered_from_no_longer_gates_symptoms() -> None:
+    dead = ev("dead_units", 50, source="DeadReLUCounter", layers=["1"], max_fraction=0.8)
+    recovered = ev("recovered", 250, "info", source="PlateauDetector", after="plateau")
+    assert causes([dead, PLATEAU]) == ["dying_relu"]
+    assert sg.diagnose([dead, PLATEAU, recovered]) == []
+    stalled_again = ev("plateau", 400, source="PlateauDetector")
+    assert causes([dead, PLATEAU, recovered, stalled_again]) == ["dying_relu"]
+
+
+def test_a_loss_at_chance_the_run_has_left_behind_is_not_evidence() -> None:
+    # A slow starter: at chance for 200 steps, then it learns. With the Guard at hand, the recent
+    # losses show it.
+    guard = _guard_with([], [3.9] * 200 + [2.0] * 60)
+    chance = ev("loss_at_chance", 200, source="TargetStats", conf=0.7, loss=3.82, chance=3.9, margin=0.05)
+    guard.publish(chance)
+    assert guard.diagnose() == []
+    assert causes([chance]) == ["no_signal"]  # from the events alone, it still reads as a stall
+    guard.close()
+    stuck = _guard_with([], [3.9] * 260)
+    stuck.publish(chance)
+    assert [d.cause for d in stuck.diagnose()] == ["no_signal"]
+    stuck.close()
+
+
 def test_construction_bugs_are_named_whatever_the_loss_does() -> None:
     wrong_model = ev("optimizer_params_not_in_model", 1, "error", source="StaleParams", conf=0.95)
     found = sg.diagnose([wrong_model])
