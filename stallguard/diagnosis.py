@@ -322,12 +322,10 @@ def _non_finite(f: _Facts) -> _Finding | None:
     # NaN after the loss or the updates had already blown up is the end of another story. The check
     # point that first reports the NaN counts: its exploding norms and loss values are the finite ones,
     # and weights that turned NaN stay NaN, so they came before it.
-    earlier = [
-        e
-        for e in f.all("exploding_gradients", "oscillation")
-        + [d for d in f.all("divergence") if d.data.get("reason") in ("explosion", "rise")]
-        if e.step <= first.step and (e.kind != "divergence" or _onset(e) < nan_onset or e.step < first.step)
-    ]
+    # (PlateauDetector reports one divergence per check point, so a loss explosion in the NaN's own
+    # interval is reported as the NaN: only an earlier check point's explosion shows.)
+    earlier = [e for e in f.all("exploding_gradients", "oscillation") if e.step <= first.step]
+    earlier += [d for d in f.all("divergence") if d.data.get("reason") in ("explosion", "rise") and d.step < first.step]
     earlier += [e for e in f.all("update_ratio_high") if _finite_ratio(e) and _onset(e) < nan_onset]
     earlier.sort(key=lambda e: e.step)
     if where == "inputs":
@@ -722,7 +720,8 @@ def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
         "the last layers' gradients exploded, which makes the first layers' look small",
         when=starts_before("exploding_gradients", "vanishing_gradients"),
     )
-    only_frozen = all(e.kind == "weights_frozen" for e in (findings.get("params_not_updated") or _NONE).events)
+    stale = findings.get("params_not_updated")
+    only_frozen = stale is not None and all(e.kind == "weights_frozen" for e in stale.events)
     below(
         "params_not_updated",
         "vanishing_gradients",
@@ -758,9 +757,6 @@ def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
             "no_signal", root, f"{', '.join(stallers)} keep(s) the model from learning, which leaves the loss at chance"
         )
     below("class_imbalance", "no_signal", "a stuck model predicts the majority class")
-
-
-_NONE = _Finding("no_signal", 0.0, [], "")
 
 
 def diagnose(events: Sequence[Event], guard: Guard | None = None) -> list[Diagnosis]:
