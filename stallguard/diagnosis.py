@@ -14,6 +14,8 @@ combines symptoms into causes with a small set of explicit rules, one per cause,
   saturation, small updates) count only once the loss has also stalled or diverged: AutoTrainer's lesson.
 * Where one cause explains another's symptom, the root cause ranks first (an early loss spike with huge
   updates before the dead units: ``lr_too_high`` before ``dying_relu``).
+* A stall the loss has recovered from, or a loss at chance the run has since left behind, is history,
+  not evidence.
 
 A healthy run gives an empty list.
 """
