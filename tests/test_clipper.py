@@ -131,7 +131,8 @@ def test_device_quantile_matches_numpy(values: list[float], empty: int, q: float
         assert got == math.inf
     else:
         expected = np.quantile(np.array(values, dtype=np.float32).astype(np.float64), q)
-        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        # Interpolated in float32: the error scales with the largest value, not with the result.
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6 * max(1.0, max(values)))
 
 
 # ----------------------------------------------------------------------------- non-finite gradients

@@ -175,7 +175,8 @@ class ZeroGradCheck(Hook):
                 if p.grad is None:
                     idle.append(k)
                 continue
-            g = p.grad.detach().float()
+            # float64: the squares of gradients near 1e-20 underflow in float32 and would read as "unexplained".
+            g, s = p.grad.detach().double(), s.double()
             if g.shape != s.shape:
                 continue
             # Leave out the elements at the largest |grad|: clip_grad_value_ puts every clamped element
@@ -194,7 +195,7 @@ class ZeroGradCheck(Hook):
         if not gs:
             return
         gs_t, ss_t, gg_t = torch.stack(gs).sum(), torch.stack(ss).sum(), torch.stack(gg).sum()
-        tiny = torch.finfo(torch.float32).tiny
+        tiny = torch.finfo(torch.float64).tiny
         factor = gs_t / ss_t.clamp_min(tiny)
         # |g - factor * s|^2 = |g|^2 - <g, s>^2 / |s|^2: the part of .grad that the fresh gradients do not explain.
         perp = (gg_t - gs_t * factor).clamp_min(0.0)
