@@ -569,8 +569,13 @@ def _no_signal(f: _Facts) -> _Finding | None:
     chance = [e for e in f.all("loss_at_chance") if "class_imbalance" not in e.causes]
     constant = [e for e in f.all("constant_features") if "no_signal" in e.causes]
     collapsed = [e for e in f.all("predictions_collapsed") if "no_signal" in e.causes]
-    if not chance and not constant:
+    # Targets that cannot line up with the outputs carry no learnable relation, whatever the loss does.
+    mismatched = f.all("shape_mismatch", "labels_out_of_range")
+    if not chance and not constant and not mismatched:
         return None
+    if mismatched and not chance and not constant:
+        first = mismatched[0]
+        return _Finding("no_signal", _combine(*(_conf(e, 0.9) for e in mismatched[:2])), mismatched, first.message)
     confidence = _combine(*(_conf(e, 0.6) for e in chance[:2] + constant), *(0.3 for _ in collapsed[:1]))
     # The same flat loss with tiny updates or a model that cannot fit is explained by those instead.
     if f.has("update_ratio_low"):
@@ -585,7 +590,7 @@ def _no_signal(f: _Facts) -> _Finding | None:
     return _Finding(
         "no_signal",
         confidence,
-        sorted(chance + constant + collapsed, key=lambda ev: ev.step),
+        sorted(chance + constant + collapsed + mismatched, key=lambda ev: ev.step),
         f"The loss stays at chance level{detail} while the model trains: check that labels match their inputs "
         "(shuffle inputs and labels with one index), are not random or constant, and that the inputs reaching "
         "the model carry the information (no all-constant features, no wrong tensor fed in).",
@@ -616,11 +621,13 @@ def _overfitting(f: _Facts) -> _Finding | None:
         return None
     best = evs[0].data.get("best_step")
     stop = f" at step {best}" if best is not None else ""
+    monitor = str(evs[0].data.get("monitor", "val_loss"))
+    worse = "falls" if evs[0].data.get("mode") == "max" else "rises"
     return _Finding(
         "overfitting",
         _combine(*(_conf(e, 0.75) for e in evs[:2])),
         evs,
-        f"Validation loss rises while training loss falls: stop early{stop} (keep the best checkpoint), add weight "
+        f"{monitor} {worse} while the training loss falls: stop early{stop} (keep the best checkpoint), add weight "
         "decay, dropout or data augmentation, or get more training data.",
     )
 

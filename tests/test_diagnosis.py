@@ -443,3 +443,19 @@ def test_advice_quotes_the_current_learning_rate() -> None:
         guard.publish(e)
     assert "(now 0.3)" in guard.diagnose()[0].advice
     guard.close()
+
+
+# ------------------------------------------------------------------------------------------- targets and fit
+def test_targets_that_cannot_match_the_outputs_are_no_signal() -> None:
+    mismatch = ev("shape_mismatch", 10, "error", source="TargetStats", conf=0.95, outputs=[64, 1], targets=[64])
+    assert causes([mismatch]) == ["no_signal"]
+    (d,) = sg.diagnose([mismatch])
+    assert d.confidence >= 0.9 and "shape_mismatch" in d.evidence[0]
+
+
+def test_overfitting_advice_follows_the_direction_of_the_metric() -> None:
+    worse_acc = ev("overfitting", 300, source="Overfit", monitor="val_acc", mode="max", best_step=120)
+    (d,) = sg.diagnose([worse_acc])
+    assert d.advice.startswith("val_acc falls while the training loss falls: stop early at step 120")
+    (d,) = sg.diagnose([ev("overfitting", 300, source="Overfit", monitor="val_loss", mode="min")])
+    assert d.advice.startswith("val_loss rises")

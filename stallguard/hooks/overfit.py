@@ -225,16 +225,24 @@ class Overfit(Hook):
         self.reports += 1
         m = self.monitor
         message = (
-            f"{m} has not improved for {d['validations_since_best']} validations and rose to {d['val_recent']:.4g} "
+            f"{m} has not improved for {d['validations_since_best']} validations and "
+            f"{'fell' if self.mode == 'max' else 'rose'} to {d['val_recent']:.4g} "
             f"(best {d['best_val']:.4g} at step {d['best_step']}) while the training loss fell "
             f"{-d['train_change']:.0%} ({d['train_at_best']:.4g} -> {d['train_now']:.4g})"
         )
         # Surer the larger the rise next to the best, and the larger the training loss's fall.
         rise = abs(d["val_recent"] - d["best_val"]) / max(abs(d["best_val"]), 1e-12)
         confidence = round(min(0.95, 0.6 + 0.5 * min(rise, 0.3) + 0.2 * min(-d["train_change"], 0.5)), 3)
-        self.emit("overfitting", "warning", message, causes=("overfitting",), confidence=confidence, **d)
+        self.emit(
+            "overfitting",
+            "warning",
+            message,
+            causes=("overfitting",),
+            confidence=confidence,
+            **d,
+        )
         if self.stop:
             self._require_guard("request_stop").request_stop(
-                f"{type(self).__name__}: {m} rose for {d['validations_since_best']} validations since its best "
+                f"{type(self).__name__}: {m} got worse for {d['validations_since_best']} validations since its best "
                 f"at step {d['best_step']} while the training loss fell"
             )
