@@ -113,7 +113,7 @@ class InputStats(Hook):
         self,
         *,
         warmup: int = 5,
-        every: int = 10,
+        every: int = 50,
         feature_dim: int | None = None,
         mean_threshold: float = 3.0,
         std_threshold: float = 10.0,
