@@ -1,10 +1,13 @@
-"""Walking a model's modules: the layers whose weights the model checks read, and activation modules."""
+"""Walking a model's modules: the layers whose weights the model checks read, activation modules, and
+the per-parameter slots of hooks' device states."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "Slots",
     "WeightLayer",
     "activation_modules",
     "fans",
@@ -35,6 +38,41 @@ _WEIGHTED: tuple[type[nn.Module], ...] = (
     nn.RNNBase,
     nn.MultiheadAttention,
 )
+
+
+class Slots:
+    """Fixed per-parameter slots of a hook's device states, named at attach, in model order.
+
+    Parameters that join after attach (an optimizer param group added later) share one extra slot at
+    the end, so state shapes never change. :meth:`index` maps a step's parameter names to their slots
+    as a device tensor, built once per parameter set: a host-to-device copy, never one per step.
+    """
+
+    LATE = "(added after attach)"
+
+    def __init__(self, names: list[str] | tuple[str, ...] = ()) -> None:
+        self.names = list(dict.fromkeys(names))
+        self._of = {n: j for j, n in enumerate(self.names)}
+        self._index: dict[tuple[tuple[str, ...], torch.device], Tensor] = {}
+
+    def __len__(self) -> int:
+        """The number of slots, the extra one included."""
+        return len(self.names) + 1
+
+    def of(self, name: str) -> int:
+        return self._of.get(name, len(self.names))
+
+    def index(self, names: list[str], device: torch.device) -> Tensor:
+        key = (tuple(names), device)
+        idx = self._index.get(key)
+        if idx is None:
+            idx = self._index[key] = torch.tensor([self.of(n) for n in names], dtype=torch.long, device=device)
+        return idx
+
+    @property
+    def labels(self) -> list[str]:
+        """One name per slot, the extra one included."""
+        return [*self.names, self.LATE]
 
 
 class WeightLayer:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._modules import Slots
 from .._validate import check_float, check_int, check_norm_type, check_type
 from ..hook import Hook
 from ..registry import register
@@ -126,7 +127,7 @@ class GradNormMonitor(Hook):
         self.add_state("interval_start", 0)
         self.add_state("total_nonfinite", [])
         self._pending_state: dict[str, Any] | None = None
-        self._slot_names: list[str] = []
+        self._slots = Slots()
         self._kernels: list[tuple[str | None, str | None]] = []
         self._layouts: dict[tuple[int, tuple[str, ...]], _Layout] = {}
 
@@ -134,11 +135,10 @@ class GradNormMonitor(Hook):
     def on_attach(self, guard: Any) -> None:
         n_opt = max(len(guard.optimizers), 1)
         slots, dims, owners = self._parameters(guard)
-        self._slot_names = slots
-        self._slot_of = {n: j for j, n in enumerate(slots)}
+        self._slots = Slots(slots)
         self._slot_owners = [owners[n] for n in slots]
         # Parameters that join an optimizer after attach share one extra slot.
-        n_slots = len(slots) + 1
+        n_slots = len(self._slots)
         self._kernels = []
         for i in range(n_opt):
             kernels = [n for n in slots if dims[n] >= 2 and i in owners[n]]
@@ -201,15 +201,13 @@ class GradNormMonitor(Hook):
         key = (index, tuple(names))
         layout = self._layouts.get(key)
         if layout is None:
-            other = len(self._slot_names)
-            slots = [self._slot_of.get(n, other) for n in names]
             pos = {n: k for k, n in enumerate(names)}
             first_name, last_name = self._kernels[index] if index < len(self._kernels) else (None, None)
             first, last = pos.get(first_name or ""), pos.get(last_name or "")
             if first is None or last is None:
                 first = last = None
             # Built once per parameter set: a host-to-device copy, never on every step.
-            layout = _Layout(torch.tensor(slots, dtype=torch.long, device=device), first, last)
+            layout = _Layout(self._slots.index(names, device), first, last)
             self._layouts[key] = layout
         return layout
 
@@ -279,7 +277,7 @@ class GradNormMonitor(Hook):
         count = np.asarray(v["layer_count"])
         mean = np.asarray(v["layer_sum"]) / np.maximum(count, 1)
         top = np.asarray(v["layer_max"])
-        names = [*self._slot_names, "(added after attach)"]
+        names = self._slots.labels
         owners = [*self._slot_owners, {i}]
         return {
             names[j]: {"mean": float(mean[j]), "max": float(top[j])}
@@ -294,7 +292,7 @@ class GradNormMonitor(Hook):
         self.total_nonfinite[i] += n
         counts = np.asarray(v["param_nonfinite"])
         first = np.asarray(v["param_first_nonfinite"])
-        names = [*self._slot_names, "(added after attach)"]
+        names = self._slots.labels
         owners = [*self._slot_owners, {i}]
         mine = [j for j in range(len(names)) if counts[j] > 0 and i in owners[j]]
         earliest = min((first[j] for j in mine), default=math.inf)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._modules import Slots
 from .._validate import check_int, check_type
 from ..hook import Hook
 from ..registry import register
@@ -79,9 +80,7 @@ class NonFinite(Hook):
         self.add_state("reported", False)
         self.add_state("interval_start", 0)
         self.add_state("losses_seen", 0)  # observed losses already looked at
-        self._slot_names: list[str] = []
-        self._slot_of: dict[str, int] = {}
-        self._index: dict[tuple[str, ...], Tensor] = {}
+        self._slots = Slots()
         self._pending_state: dict[str, Any] | None = None
         self._pending: list[Tensor | None] = [None] * len(WHERE)  # this step's observed flags
         self._pending_step: int | None = None
@@ -93,9 +92,8 @@ class NonFinite(Hook):
             names = [n for n, _ in guard.module.named_parameters()]
         for i in range(len(guard.optimizers)):
             names += [n for n in guard.optimizer_parameters(i)[1] if n not in names]
-        self._slot_names = names
-        self._slot_of = {n: j for j, n in enumerate(names)}
-        n_slots = len(names) + 1  # the last slot: parameters that joined after attach
+        self._slots = Slots(names)
+        n_slots = len(self._slots)  # the last slot: parameters that joined after attach
         # Steps since the interval began (exact in float32); inf = never.
         self.add_state("first", torch.full((len(WHERE),), math.inf), reduce="min", reset=True)
         # Row 0: gradients, row 1: parameters; one column per parameter, in model order.
@@ -173,20 +171,11 @@ class NonFinite(Hook):
             else:
                 pbad = torch.zeros_like(gbad)
             if len(names):
-                idx = self._slots(names, gbad.device)
+                idx = self._slots.index(names, gbad.device)
                 when = torch.where(torch.stack([gbad, pbad]), self._offset(step), math.inf)
                 self.layer_first.scatter_reduce_(1, idx.expand(2, -1), when, "amin")
         if any(f is not None for f in row):
             self._flush(step, row)
-
-    def _slots(self, names: list[str], device: torch.device) -> Tensor:
-        key = tuple(names)
-        idx = self._index.get(key)
-        if idx is None:
-            other = len(self._slot_names)
-            # Built once per parameter set: a host-to-device copy, never on every step.
-            idx = self._index[key] = torch.tensor([self._slot_of.get(n, other) for n in names], device=device)
-        return idx
 
     # ----------------------------------------------------------------- check point
     def on_check(self, check: CheckContext) -> None:
@@ -206,7 +195,7 @@ class NonFinite(Hook):
         if origin in (_GRADS, _PARAMS):
             rows = np.asarray(v["layer_first"], dtype=np.float64).reshape(2, -1)
             per = rows[0 if origin == _GRADS else 1]
-            names = [*self._slot_names, "(added after attach)"]
+            names = self._slots.labels
             hits = np.flatnonzero(per == earliest)  # none when only the total norm overflowed
             layer = names[int(hits[0])] if len(hits) else None  # slots are in model order
         first_step = int(start + earliest)

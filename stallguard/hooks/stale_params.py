@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._modules import Slots
 from .._validate import check_float, check_int
 from ..hook import Hook
 from ..registry import register
@@ -84,10 +85,8 @@ class StaleParams(Hook):
         self.add_state("missing", {})  # name -> [steps seen, steps without .grad] during the warm-up
         self.add_state("reported_frozen", [])
         self._pending_state: dict[str, Any] | None = None
-        self._slot_names: list[str] = []
-        self._slot_of: dict[str, int] = {}
+        self._slots = Slots()
         self._params: dict[str, Tensor] = {}
-        self._index: dict[tuple[str, ...], Tensor] = {}
         self._lr_zero: dict[str, bool] = {}  # name -> lr was 0 on every sampled step of the interval
         self._module_of: dict[str, nn.Module] = {}
         self._calls: dict[int, int] = {}
@@ -107,9 +106,8 @@ class StaleParams(Hook):
             named = list(model.named_parameters()) if model is not None else []
             names_in_order = [n for n, p in named if p.requires_grad]
             self._params = {n: p for n, p in named if p.requires_grad}
-        self._slot_names = list(dict.fromkeys(names_in_order))
-        self._slot_of = {n: j for j, n in enumerate(self._slot_names)}
-        n_slots = len(self._slot_names) + 1
+        self._slots = Slots(names_in_order)
+        n_slots = len(self._slots)
         self.add_state("sampled", torch.zeros(n_slots), reduce="max", reset=True)
         self.add_state("moved", torch.zeros(n_slots), reduce="max", reset=True)
         self.add_state("graded", torch.zeros(n_slots), reduce="max", reset=True)
@@ -218,22 +216,13 @@ class StaleParams(Hook):
         if upd is None:
             return
         norms = ctx.grad_norms()
-        idx = self._slots(upd.names, upd.delta.device)
+        idx = self._slots.index(upd.names, upd.delta.device)
         self.sampled.index_add_(0, idx, torch.ones_like(upd.delta))
         self.moved.index_add_(0, idx, (upd.delta > 0).float())
         if norms is not None and norms.names == upd.names:
             self.graded.index_add_(0, idx, (norms.per_tensor > 0).float())
         else:
             self.graded.index_add_(0, idx, torch.ones_like(upd.delta))
-
-    def _slots(self, names: list[str], device: torch.device) -> Tensor:
-        key = tuple(names)
-        idx = self._index.get(key)
-        if idx is None:
-            other = len(self._slot_names)
-            # Built once per parameter set: a host-to-device copy, never on every step.
-            idx = self._index[key] = torch.tensor([self._slot_of.get(n, other) for n in names], device=device)
-        return idx
 
     # ----------------------------------------------------------------- check point
     def on_check(self, check: CheckContext) -> None:
@@ -294,7 +283,7 @@ class StaleParams(Hook):
         moved = np.asarray(v["moved"], dtype=np.float64).reshape(-1)
         graded = np.asarray(v["graded"], dtype=np.float64).reshape(-1)
         by_reason: dict[str, list[str]] = {}
-        for j, n in enumerate(self._slot_names):
+        for j, n in enumerate(self._slots.names):
             if sampled[j] < self.min_samples or moved[j] > 0 or n in self.reported_frozen:
                 continue
             p = self._params.get(n)
