@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -345,3 +346,15 @@ class CheckContext:
     def series(self, name: str = "loss") -> Any:
         """The host history of a scalar stream (``"loss"`` or a metric name); see ``Guard.series``."""
         return self.guard.series(name)
+
+    def unread(self, name: str, seen: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """A stream's values after the first ``seen`` ever observed: ``(steps, values, total)``.
+
+        A hook keeps ``total`` as its next ``seen`` (in a declared state, so that it survives a resume);
+        a stream never observed gives empty arrays and ``seen`` back.
+        """
+        if not self.guard.has_series(name):
+            return np.zeros(0, dtype=np.int64), np.zeros(0), seen
+        series = self.guard.series(name)
+        steps, values = series.since(seen)
+        return steps, values, series.total

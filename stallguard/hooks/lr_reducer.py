@@ -166,12 +166,7 @@ class LRAutoReducer(Hook):
         self._check_override()
         if self.on is not None:
             return
-        guard = check.guard
-        if not guard.has_series(self.monitor):
-            return
-        series = guard.series(self.monitor)
-        steps, values = series.since(self.consumed)
-        self.consumed = series.total
+        steps, values, self.consumed = check.unread(self.monitor, self.consumed)
         first_old: list[float] | None = None
         count, last_step = 0, None
         for value, step in zip(values.tolist(), steps.tolist()):

@@ -222,12 +222,7 @@ class NonFinite(Hook):
 
     def _first_bad_loss(self, check: CheckContext) -> int | None:
         """The step of the first non-finite loss observed since the last check point, from the Guard's series."""
-        guard = check.guard
-        if not guard.has_series("loss"):
-            return None
-        series = guard.series("loss")
-        steps, values = series.since(self.losses_seen)
-        self.losses_seen = series.total
+        steps, values, self.losses_seen = check.unread("loss", self.losses_seen)
         bad = np.flatnonzero(~np.isfinite(values))
         return int(steps[bad[0]]) + 1 if len(bad) else None  # the loss of the step under way
 

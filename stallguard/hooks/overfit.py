@@ -117,12 +117,7 @@ class Overfit(Hook):
 
     # ----------------------------------------------------------------- the Guard's side
     def on_check(self, check: CheckContext) -> None:
-        guard = check.guard
-        if not guard.has_series(self.monitor):
-            return
-        series = guard.series(self.monitor)
-        steps, values = series.since(self.consumed)
-        self.consumed = series.total
+        steps, values, self.consumed = check.unread(self.monitor, self.consumed)
         for s, v in zip(steps.tolist(), values.tolist()):
             found = self._update(int(s), float(v), check)
             if found is not None:

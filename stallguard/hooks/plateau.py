@@ -263,12 +263,7 @@ class PlateauDetector(Hook):
 
     # ----------------------------------------------------------------- the Guard's side
     def on_check(self, check: CheckContext) -> None:
-        guard = check.guard
-        if not guard.has_series(self.monitor):
-            return
-        series = guard.series(self.monitor)
-        steps, values = series.since(self.consumed)
-        self.consumed = series.total
+        steps, values, self.consumed = check.unread(self.monitor, self.consumed)
         if len(values) == 0:
             return
         findings = self.update(values, steps)
