@@ -54,6 +54,7 @@ def run_once(
         g = sg.Guard(run.model, run.optimizer, sinks=[], repair=guard == "repair")
     if tracer:
         tr = Tracer(run.model, run.optimizer, run.task)
+        tr.meta["epoch_steps"] = run.epoch_steps
     step_no = [0]
 
     def observe(loss: Any = None, *, inputs: Any = None, outputs: Any = None, targets: Any = None, **metrics: Any):
@@ -221,14 +222,15 @@ def detector_names(baselines: bool) -> list[str]:
 
 
 def select(only: list[str] | None, quick: bool) -> list[Scenario]:
-    from .quick import QUICK
+    from .quick import QUICK, QUICK_HEALTHY
 
     names = list(SCENARIOS)
     if quick:
-        names = [n for n in names if n in QUICK]
+        chosen = set(QUICK.values()) | set(QUICK_HEALTHY)
+        names = [n for n in names if n in chosen]
     if only:
         missing = [n for n in only if n not in SCENARIOS]
         if missing:
             raise SystemExit(f"unknown scenario(s) {missing}; known: {', '.join(SCENARIOS)}")
-        names = [n for n in names if n in only] if not quick else [n for n in only]
+        names = [n for n in names if n in only]
     return [SCENARIOS[n] for n in names]

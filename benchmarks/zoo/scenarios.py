@@ -250,6 +250,7 @@ def supervised(
     balanced: tuple[Tensor, Tensor] | None = None,
     eval_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
     batch_x: Callable[[Tensor], Tensor] | None = None,
+    sample_weights: Tensor | None = None,
 ) -> Run:
     """The plain loop most scenarios share, with the knobs that the faults and healthy variants turn."""
     val_gen = val
@@ -258,7 +259,10 @@ def supervised(
         if zero_grad:
             opt.zero_grad()
         for _ in range(accumulate):
-            idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+            if sample_weights is None:
+                idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+            else:  # a WeightedRandomSampler's draw
+                idx = torch.multinomial(sample_weights, batch, replacement=True, generator=g)
             xb, yb = x[idx], y[idx]
             if batch_x is not None:
                 xb = batch_x(xb)
@@ -505,22 +509,20 @@ def _imbalanced(g: torch.Generator, x: Tensor, y: Tensor, keep: list[float]) -> 
     return x[mask], y[mask]
 
 
-def imbalanced_mlp(seed: int, fixed: bool) -> Run:
+def _balancing_weights(y: Tensor, classes: int) -> Tensor:
+    counts = torch.bincount(y, minlength=classes).float()
+    return (1.0 / counts)[y]
+
+
+def imbalanced_gru(seed: int, fixed: bool) -> Run:
     g = _gen(seed)
-    x, y = blobs(g, n=4096, classes=3, sep=0.5)
-    xb, yb = x[3000:], y[3000:]  # a balanced held-out set
-    xt, yt = _imbalanced(g, x[:3000], y[:3000], [1.0, 0.02, 0.02])
-    weight = None
-    if fixed:
-        counts = torch.bincount(yt, minlength=3).float()
-        weight = counts.sum() / (3 * counts)
-
-    def loss_fn(out: Tensor, t: Tensor) -> Tensor:
-        return F.cross_entropy(out.float(), t, weight=weight)
-
-    model = mlp(16, 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return supervised(model, opt, xt, yt, g, steps=400, loss_fn=loss_fn, balanced=(xb, yb), eval_loss=_ce)
+    x, y = sequences(g, n=3000, classes=2, sep=0.3)
+    xb, yb = x[2000:], y[2000:]  # a balanced held-out set
+    xt, yt = _imbalanced(g, x[:2000], y[:2000], [1.0, 0.03])
+    model = RNNClassifier("GRU", 4, 32, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    weights = _balancing_weights(yt, 2) if fixed else None
+    return supervised(model, opt, xt, yt, g, steps=400, batch=32, balanced=(xb, yb), sample_weights=weights)
 
 
 def imbalanced_cnn(seed: int, fixed: bool) -> Run:
@@ -528,17 +530,10 @@ def imbalanced_cnn(seed: int, fixed: bool) -> Run:
     x, y = images(g, n=3000, classes=2, sep=0.25)
     xb, yb = x[2000:], y[2000:]
     xt, yt = _imbalanced(g, x[:2000], y[:2000], [1.0, 0.03])
-    weight = None
-    if fixed:
-        counts = torch.bincount(yt, minlength=2).float()
-        weight = counts.sum() / (2 * counts)
-
-    def loss_fn(out: Tensor, t: Tensor) -> Tensor:
-        return F.cross_entropy(out.float(), t, weight=weight)
-
     model = CNN(2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    return supervised(model, opt, xt, yt, g, steps=400, loss_fn=loss_fn, balanced=(xb, yb), eval_loss=_ce)
+    weights = _balancing_weights(yt, 2) if fixed else None
+    return supervised(model, opt, xt, yt, g, steps=400, balanced=(xb, yb), sample_weights=weights)
 
 
 # ---------------------------------------------------------------------------------- missing_zero_grad
@@ -886,9 +881,9 @@ SCENARIOS: dict[str, Scenario] = {
         _s("outlier_targets_mlp", "exploding_gradients", "MLP", "regression with 8 corrupt targets of +-3000",
            outlier_targets_mlp, worse_than_twin(1.5), first_blowup(), repairable=True),
         # class_imbalance
-        _s("imbalanced_mlp", "class_imbalance", "MLP", "3 overlapping classes, 50:1:1", imbalanced_mlp,
+        _s("imbalanced_gru", "class_imbalance", "GRU", "2 faint classes, 33:1 (twin: balanced sampling)", imbalanced_gru,
            metric_below_twin("balanced_acc", 0.1)),
-        _s("imbalanced_cnn", "class_imbalance", "CNN", "2 faint classes, 33:1", imbalanced_cnn,
+        _s("imbalanced_cnn", "class_imbalance", "CNN", "2 faint classes, 33:1 (twin: balanced sampling)", imbalanced_cnn,
            metric_below_twin("balanced_acc", 0.1)),
         # missing_zero_grad
         _s("no_zero_grad_mlp_sgd", "missing_zero_grad", "MLP", "no optimizer.zero_grad(), SGD", no_zero_grad_mlp,

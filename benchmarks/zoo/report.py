@@ -1,0 +1,179 @@
+"""Tables for the terminal and for benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .baselines import MAPPING
+from .runner import Result
+
+__all__ = ["machine", "markdown", "text_table", "write_section"]
+
+SECTION = "## Stall zoo"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _rank(r: Result, det: str) -> str:
+    d = r.detectors.get(det)
+    if d is None:
+        return "-"
+    if r.cause == "healthy":
+        return "ok" if not d.ranked and d.first_warning is None else "FP"
+    return str(d.rank) if d.rank is not None else "miss"
+
+
+def _top(r: Result, det: str) -> str:
+    d = r.detectors.get(det)
+    if d is None:
+        return "-"
+    return d.ranked[0] if d.ranked else "-"
+
+
+def _rows(results: list[Result], detectors: list[str]) -> tuple[list[str], list[list[str]]]:
+    header = ["scenario", "arch", "true cause", "valid", "stallguard top", "rank", "1st warn", "onset", "time s"]
+    header += [f"{d} (top/rank)" for d in detectors if d != "stallguard"]
+    rows = []
+    for r in results:
+        sg = r.detectors.get("stallguard")
+        row = [
+            r.name,
+            r.arch,
+            r.cause,
+            "yes" if r.valid else "NO",
+            _top(r, "stallguard"),
+            _rank(r, "stallguard"),
+            "-" if sg is None or sg.first_warning is None else str(sg.first_warning),
+            str(r.onset),
+            f"{r.seconds_guarded:.2f}",
+        ]
+        row += [f"{_top(r, d)} / {_rank(r, d)}" for d in detectors if d != "stallguard"]
+        rows.append(row)
+    return header, rows
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_rows(summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["detector", "top-1", "top-3", "FP on healthy", "detected", "median latency (steps)"]
+    rows = []
+    for name, s in summary.items():
+        lat = s["median_latency"]
+        rows.append(
+            [
+                name,
+                f"{s['top1']}/{s['faulty']} ({100 * s['top1_acc']:.0f}%)" if s["faulty"] else "-",
+                f"{s['top3']}/{s['faulty']} ({100 * s['top3_recall']:.0f}%)" if s["faulty"] else "-",
+                f"{s['false_positives']}/{s['healthy']}",
+                f"{s['detected']}/{s['faulty']}",
+                "-" if lat is None else f"{lat:g}",
+            ]
+        )
+    return header, rows
+
+
+def repair_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
+    header = ["scenario", "true cause", "final loss, unguarded", "final loss, repair=True", "ratio", "target met",
+              "time unguarded s", "time repaired s", "extra time"]  # fmt: skip
+    rows = []
+    for r in results:
+        if r.repair is None:
+            continue
+        a, b = r.repair["final_plain"], r.repair["final_repaired"]
+        finite = b == b and abs(b) != float("inf")
+        if a == a and abs(a) != float("inf") and a > 0:
+            ratio = f"{b / a:.3g}"
+            met = finite and b <= 0.5 * a
+        else:
+            ratio = "unguarded non-finite"
+            met = finite
+        ta, tb = r.repair["seconds_plain"], r.repair["seconds_repaired"]
+        rows.append([r.name, r.cause, f"{a:.4g}", f"{b:.4g}", ratio, "yes" if met else "NO", f"{ta:.2f}", f"{tb:.2f}",
+                     f"{100 * (tb - ta) / ta:+.0f}%"])  # fmt: skip
+    return header, rows
+
+
+def events_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
+    header = ["scenario", "true cause", "stallguard ranking", "warning events (kind@first step)"]
+    rows = []
+    for r in results:
+        d = r.detectors.get("stallguard")
+        ranking = ", ".join(d.ranked) if d is not None and d.ranked else "[]"
+        rows.append([r.name, r.cause, ranking, ", ".join(r.events) or "-"])
+    return header, rows
+
+
+def markdown(results: list[Result], summary: dict[str, dict[str, Any]], detectors: list[str], meta: dict[str, Any],
+             notes: str = "") -> str:  # fmt: skip
+    invalid = [r for r in results if not r.valid]
+    parts = [
+        SECTION,
+        "",
+        f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs, torch {meta['torch']}, "
+        f"{meta['threads']} thread), `python -m benchmarks.zoo{meta.get('args', '')}`. "
+        f"{len(results)} scenarios, {len(invalid)} invalid (fault did not show; left out of the scores).",
+        "",
+        "### Summary",
+        "",
+        md_table(*summary_rows(summary)),
+        "",
+        "Top-1: the true cause ranked first; top-3: ranked in the first three; FP: a healthy run with any "
+        "diagnosis or warning; latency: first warning step minus the scenario's fault-onset step (median over "
+        "faulty runs with a warning).",
+        "",
+        "### Per scenario",
+        "",
+        md_table(*_rows(results, detectors)),
+        "",
+    ]
+    rep = repair_rows(results)
+    if rep[1]:
+        parts += ["### Repair", "", md_table(*rep), ""]
+    parts += ["### Events stallguard saw", "", md_table(*events_rows(results)), ""]
+    parts += ["### Baseline mapping (alarm -> cause)", ""]
+    for name, mapping in MAPPING.items():
+        parts.append(f"- **{name}**: " + "; ".join(f"{k} -> `{v}`" for k, v in mapping.items()))
+    parts.append("")
+    if invalid:
+        parts += ["### Invalid scenarios", ""]
+        parts += [f"- `{r.name}`: {r.validity}" for r in invalid]
+        parts.append("")
+    if notes:
+        parts += [notes.rstrip(), ""]
+    return "\n".join(parts)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace (or append) the '## Stall zoo' section of RESULTS.md, leaving other sections alone."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(r"^## Stall zoo\n.*?(?=^## (?!#)|\Z)", re.S | re.M)
+    body = text.rstrip() + "\n\n"
+    new = pattern.sub(lambda m: body, old, count=1) if pattern.search(old) else old.rstrip() + "\n\n" + body
+    path.write_text(new.rstrip() + "\n")
