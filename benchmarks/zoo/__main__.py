@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .report import machine, markdown, repair_rows, summary_rows, text_table, write_section, _rows
+from .report import _rows, machine, markdown, repair_rows, summary_rows, text_table, write_section
 from .runner import detector_names, run_scenario, select, summarize
 
 

@@ -20,6 +20,7 @@ never fire).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -94,8 +95,11 @@ class Tracer:
         names = {id(p): n for n, p in model.named_parameters()}
         self.names = names
         kernels = [n for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and n != "pos"]
-        self.meta: dict[str, Any] = {"task": task, "first_kernel": kernels[0] if kernels else None,
-                                     "last_kernel": kernels[-1] if kernels else None}  # fmt: skip
+        self.meta: dict[str, Any] = {
+            "task": task,
+            "first_kernel": kernels[0] if kernels else None,
+            "last_kernel": kernels[-1] if kernels else None,
+        }
         for mname, m in model.named_modules():
             if isinstance(m, nn.ReLU):
                 self._handles.append(m.register_forward_hook(self._relu_hook(mname)))
@@ -161,14 +165,20 @@ class Tracer:
         return hook
 
     # ------------------------------------------------------------------ loop calls
-    def observe(self, loss: Any = None, *, inputs: Any = None, outputs: Any = None, targets: Any = None,
-                **metrics: Any) -> None:  # fmt: skip
+    def observe(
+        self, loss: Any = None, *, inputs: Any = None, outputs: Any = None, targets: Any = None, **metrics: Any
+    ) -> None:
         if loss is not None:
             self._losses.append(float(loss.detach().float()) if isinstance(loss, Tensor) else float(loss))
         if inputs is not None and "inputs" not in self._obs and inputs.is_floating_point():
             x = inputs.detach().float()
-            self._obs["inputs"] = {"min": float(x.min()), "max": float(x.max()), "mean": float(x.mean()),
-                                   "ndim": x.dim(), "n": x.shape[0]}  # fmt: skip
+            self._obs["inputs"] = {
+                "min": float(x.min()),
+                "max": float(x.max()),
+                "mean": float(x.mean()),
+                "ndim": x.dim(),
+                "n": x.shape[0],
+            }
         if outputs is not None and targets is not None and "acc" not in self._obs:
             o, t = outputs.detach().float(), targets.detach()
             if self.task == "classification" and o.dim() == 2:
@@ -219,8 +229,17 @@ class Tracer:
                 grads[n] = rec
         lr = float(self.optimizer.param_groups[0]["lr"])
         loss = sum(self._losses) / len(self._losses) if self._losses else math.nan
-        self.records.append({"step": step, "loss": loss, "lr": lr, "grads": grads, "weights": weights,
-                             "acts": dict(self._acts), **self._obs})  # fmt: skip
+        self.records.append(
+            {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grads": grads,
+                "weights": weights,
+                "acts": dict(self._acts),
+                **self._obs,
+            }
+        )
         self._obs = {}
         self._losses = []
         self._acts = {}
@@ -476,7 +495,7 @@ def autotrainer(records: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[li
             found.append("explode")
         if e >= judgment:
             finite_acc = [x for x in acc if math.isfinite(x)]
-            gains = [b - a_ for a_, b in zip(finite_acc, finite_acc[1:])]
+            gains = [b - a_ for a_, b in itertools.pairwise(finite_acc)]
             not_converge = (max(finite_acc) if finite_acc else 0.0) < 0.7
             slow = bool(gains) and max(gains) < 0.01
             stalled = not_converge or slow
@@ -511,7 +530,7 @@ def _oscillations(acc: list[float], zeta: float) -> int:
     for i in range(1, len(acc) - 1):
         if (acc[i] > acc[i - 1] and acc[i] >= acc[i + 1]) or (acc[i] < acc[i - 1] and acc[i] <= acc[i + 1]):
             extremes.append(acc[i])
-    return sum(1 for a_, b in zip(extremes, extremes[1:]) if abs(a_ - b) >= zeta)
+    return sum(1 for a_, b in itertools.pairwise(extremes) if abs(a_ - b) >= zeta)
 
 
 # ============================================================================================ ReduceLROnPlateau

@@ -27,7 +27,9 @@ def blobs(g: torch.Generator, n: int = 1024, d: int = 16, classes: int = 4, sep:
     return centers[y] + torch.randn(n, d, generator=g), y
 
 
-def images(g: torch.Generator, n: int = 768, classes: int = 4, size: int = 8, sep: float = 1.0) -> tuple[Tensor, Tensor]:
+def images(
+    g: torch.Generator, n: int = 768, classes: int = 4, size: int = 8, sep: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """1x8x8 images: a class template plus pixel noise, standardized."""
     templates = torch.randn(classes, 1, size, size, generator=g) * sep
     y = torch.randint(0, classes, (n,), generator=g)
@@ -77,7 +79,12 @@ class Scale(nn.Module):
 
 
 def mlp(
-    d_in: int, d_out: int, hidden: int = 64, depth: int = 2, act: type[nn.Module] = nn.ReLU, gain: float = 1.0,
+    d_in: int,
+    d_out: int,
+    hidden: int = 64,
+    depth: int = 2,
+    act: type[nn.Module] = nn.ReLU,
+    gain: float = 1.0,
     shift: float = 0.0,
 ) -> nn.Sequential:
     """Linear layers with an activation module after each hidden layer (optionally a gain before it)."""
@@ -142,9 +149,7 @@ class RNNClassifier(nn.Module):
 class TinyTransformer(nn.Module):
     """Token embedding + learned positions, one or two encoder layers, mean pooling, linear head."""
 
-    def __init__(
-        self, vocab: int = 16, classes: int = 4, d_model: int = 32, layers: int = 1, length: int = 10
-    ) -> None:
+    def __init__(self, vocab: int = 16, classes: int = 4, d_model: int = 32, layers: int = 1, length: int = 10) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.randn(length, d_model) * 0.02)

@@ -100,8 +100,17 @@ def summary_rows(summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[li
 
 
 def repair_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
-    header = ["scenario", "true cause", "final loss, unguarded", "final loss, repair=True", "ratio", "target met",
-              "time unguarded s", "time repaired s", "extra time"]  # fmt: skip
+    header = [
+        "scenario",
+        "true cause",
+        "final loss, unguarded",
+        "final loss, repair=True",
+        "ratio",
+        "target met",
+        "time unguarded s",
+        "time repaired s",
+        "extra time",
+    ]
     rows = []
     for r in results:
         if r.repair is None:
@@ -115,8 +124,19 @@ def repair_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
             ratio = "unguarded non-finite"
             met = finite
         ta, tb = r.repair["seconds_plain"], r.repair["seconds_repaired"]
-        rows.append([r.name, r.cause, f"{a:.4g}", f"{b:.4g}", ratio, "yes" if met else "NO", f"{ta:.2f}", f"{tb:.2f}",
-                     f"{100 * (tb - ta) / ta:+.0f}%"])  # fmt: skip
+        rows.append(
+            [
+                r.name,
+                r.cause,
+                f"{a:.4g}",
+                f"{b:.4g}",
+                ratio,
+                "yes" if met else "NO",
+                f"{ta:.2f}",
+                f"{tb:.2f}",
+                f"{100 * (tb - ta) / ta:+.0f}%",
+            ]
+        )
     return header, rows
 
 
@@ -130,8 +150,13 @@ def events_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def markdown(results: list[Result], summary: dict[str, dict[str, Any]], detectors: list[str], meta: dict[str, Any],
-             notes: str = "") -> str:  # fmt: skip
+def markdown(
+    results: list[Result],
+    summary: dict[str, dict[str, Any]],
+    detectors: list[str],
+    meta: dict[str, Any],
+    notes: str = "",
+) -> str:
     invalid = [r for r in results if not r.valid]
     parts = [
         SECTION,

@@ -139,7 +139,12 @@ def _detector(ranked: list[str], first: int | None, cause: str, onset: int) -> D
 
 
 def run_scenario(
-    scenario: Scenario, *, seed: int = 0, baselines: bool = True, repair: bool = True, log: Callable[[str], None] = print
+    scenario: Scenario,
+    *,
+    seed: int = 0,
+    baselines: bool = True,
+    repair: bool = True,
+    log: Callable[[str], None] = print,
 ) -> Result:
     """Validity, the guarded run, the baselines on a traced unguarded run, and the repaired run."""
     v = check_validity(scenario, seed)
@@ -187,7 +192,9 @@ def _event_summary(events: Iterable[Any]) -> list[str]:
     for e in events:
         if e.severity >= sg.Severity.WARNING:
             seen.setdefault(e.kind, []).append(e.step)
-    return [f"{k}@{v[0]}" + (f"(x{len(v)})" if len(v) > 1 else "") for k, v in sorted(seen.items(), key=lambda kv: kv[1][0])]
+    return [
+        f"{k}@{v[0]}" + (f"(x{len(v)})" if len(v) > 1 else "") for k, v in sorted(seen.items(), key=lambda kv: kv[1][0])
+    ]
 
 
 def summarize(results: list[Result], detectors: Iterable[str]) -> dict[str, dict[str, Any]]:
