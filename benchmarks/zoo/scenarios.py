@@ -325,6 +325,22 @@ def lr_high_gru(seed: int, fixed: bool) -> Run:
     return supervised(model, opt, x, y, g, steps=400, batch=32)
 
 
+def lr_plateau_regression(seed: int, fixed: bool) -> Run:
+    g = _gen(seed)
+    x, y = regression(g)
+    model = mlp(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01 if fixed else 0.05, momentum=0.9)
+    return supervised(model, opt, x, y, g, steps=500, batch=16, loss_fn=_mse, task="regression")
+
+
+def lr_plateau_lstm(seed: int, fixed: bool) -> Run:
+    g = _gen(seed)
+    x, y = sequences(g)
+    model = RNNClassifier("LSTM", 4, 32, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3 if fixed else 0.05)
+    return supervised(model, opt, x, y, g, steps=400, batch=32)
+
+
 # ----------------------------------------------------------------------------------------- lr_too_low
 def lr_low_mlp(seed: int, fixed: bool) -> Run:
     g = _gen(seed)
@@ -480,11 +496,11 @@ def deep_sigmoid_cnn(seed: int, fixed: bool) -> Run:
 
 
 # -------------------------------------------------------------------------------- exploding_gradients
-def relu_rnn_sgd(seed: int, fixed: bool) -> Run:
+def tanh_rnn_sgd(seed: int, fixed: bool) -> Run:
     g = _gen(seed)
     x, y = sequences(g, steps=30)
-    model = RNNClassifier("RNN", 4, 64, 3, nonlinearity="relu")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model = RNNClassifier("RNN", 4, 128, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
     return supervised(model, opt, x, y, g, steps=400, batch=32, clip=1.0 if fixed else None)
 
 
@@ -493,7 +509,7 @@ def outlier_targets_mlp(seed: int, fixed: bool) -> Run:
     x, y = regression(g)
     noisy = y.clone()
     rows = torch.randperm(y.shape[0], generator=g)[:8]
-    noisy[rows] = 3000.0 * torch.sign(torch.randn(8, 1, generator=g))  # a few corrupt records
+    noisy[rows] = 100.0 * torch.sign(torch.randn(8, 1, generator=g))  # a few corrupt records
     model = mlp(8, 1, hidden=64)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     run = supervised(model, opt, x, noisy, g, steps=400, loss_fn=_mse, task="regression", clip=1.0 if fixed else None)
@@ -872,6 +888,24 @@ SCENARIOS: dict[str, Scenario] = {
             worse_than_twin(2.0),
             repairable=True,
         ),
+        _s(
+            "lr_plateau_regression_sgd",
+            "lr_too_high",
+            "MLP",
+            "regression, SGD lr=0.05 momentum 0.9, batch 16: a noisy plateau (twin lr=0.01)",
+            lr_plateau_regression,
+            worse_than_twin(2.0),
+            repairable=True,
+        ),
+        _s(
+            "lr_plateau_lstm_adam",
+            "lr_too_high",
+            "LSTM",
+            "Adam lr=0.05: a noisy plateau (twin 3e-3)",
+            lr_plateau_lstm,
+            worse_than_twin(1.5),
+            repairable=True,
+        ),
         # lr_too_low
         _s("lr_low_mlp_sgd", "lr_too_low", "MLP", "SGD lr=1e-5 (twin 0.05)", lr_low_mlp, worse_than_twin(2.0)),
         _s(
@@ -987,11 +1021,11 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         # exploding_gradients
         _s(
-            "relu_rnn_sgd",
+            "tanh_rnn_sgd",
             "exploding_gradients",
             "RNN",
-            "ReLU RNN over 30 steps, SGD (twin: clip_grad_norm 1)",
-            relu_rnn_sgd,
+            "tanh RNN over 30 steps, SGD lr=0.3 (twin: clip_grad_norm 1)",
+            tanh_rnn_sgd,
             worse_than_twin(1.5),
             first_blowup(),
             repairable=True,
@@ -1000,10 +1034,10 @@ SCENARIOS: dict[str, Scenario] = {
             "outlier_targets_mlp",
             "exploding_gradients",
             "MLP",
-            "regression with 8 corrupt targets of +-3000",
+            "regression with 8 corrupt targets of +-100 (twin: clip_grad_norm 1)",
             outlier_targets_mlp,
             worse_than_twin(1.5),
-            first_blowup(),
+            at_start,
             repairable=True,
         ),
         # class_imbalance
