@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .report import _rows, machine, markdown, repair_rows, summary_rows, text_table, write_section
+from .report import machine, markdown, repair_rows, scenario_rows, summary_rows, text_table, write_section
 from .runner import detector_names, run_scenario, select, summarize
 
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baselines", action="store_true", help="skip smdebug/DeepDiagnosis/AutoTrainer/RLROP")
     p.add_argument("--no-repair", action="store_true", help="skip the repair=True runs")
     p.add_argument("--results", metavar="PATH", help="write the '## Stall zoo' section of this markdown file")
+    p.add_argument("--notes", metavar="PATH", help="markdown appended to the '## Stall zoo' section")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
     summary = summarize(results, detectors)
     print()
-    print(text_table(*_rows(results, detectors)))
+    print(text_table(*scenario_rows(results, detectors)))
     print()
     print(text_table(*summary_rows(summary)))
     rep = repair_rows(results)
@@ -60,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(text_table(*rep))
     meta = machine()
-    flags = [a for a in (argv if argv is not None else sys.argv[1:])]
+    flags = list(argv if argv is not None else sys.argv[1:])
     meta["args"] = (" " + " ".join(flags)) if flags else ""
     if args.json:
         payload = {"meta": meta, "summary": summary, "results": [r.to_dict() for r in results]}
         Path(args.json).write_text(json.dumps(_clean(payload), indent=1))
     if args.results:
-        write_section(Path(args.results), markdown(results, summary, detectors, meta))
+        notes = Path(args.notes).read_text() if args.notes else ""
+        write_section(Path(args.results), markdown(results, summary, detectors, meta, notes))
     return 0
 
 

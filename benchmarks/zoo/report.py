@@ -46,7 +46,7 @@ def _top(r: Result, det: str) -> str:
     return d.ranked[0] if d.ranked else "-"
 
 
-def _rows(results: list[Result], detectors: list[str]) -> tuple[list[str], list[list[str]]]:
+def scenario_rows(results: list[Result], detectors: list[str]) -> tuple[list[str], list[list[str]]]:
     header = ["scenario", "arch", "true cause", "valid", "stallguard top", "rank", "1st warn", "onset", "time s"]
     header += [f"{d} (top/rank)" for d in detectors if d != "stallguard"]
     rows = []
@@ -110,6 +110,7 @@ def repair_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
         "time unguarded s",
         "time repaired s",
         "extra time",
+        "repair events",
     ]
     rows = []
     for r in results:
@@ -135,6 +136,7 @@ def repair_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
                 f"{ta:.2f}",
                 f"{tb:.2f}",
                 f"{100 * (tb - ta) / ta:+.0f}%",
+                ", ".join(r.repair.get("repair_events", [])) or "-",
             ]
         )
     return header, rows
@@ -175,7 +177,7 @@ def markdown(
         "",
         "### Per scenario",
         "",
-        md_table(*_rows(results, detectors)),
+        md_table(*scenario_rows(results, detectors)),
         "",
     ]
     rep = repair_rows(results)

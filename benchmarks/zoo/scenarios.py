@@ -175,14 +175,14 @@ def best_val_step(out: Outcome) -> int:
 
 
 def first_blowup(factor: float = 3.0) -> Onset:
-    """The first step whose loss is non-finite or ``factor`` times the best loss so far (after step 10)."""
+    """The first step whose loss is non-finite, or above the first loss and ``factor`` times the best so far."""
 
     def onset(out: Outcome) -> int:
         best = math.inf
         for i, v in enumerate(out.losses):
             if not math.isfinite(v):
                 return i
-            if i >= 10 and v > factor * best:
+            if i >= 10 and v > factor * best and v > out.losses[0]:
                 return i
             best = min(best, v)
         return 0
@@ -502,6 +502,20 @@ def tanh_rnn_sgd(seed: int, fixed: bool) -> Run:
     model = RNNClassifier("RNN", 4, 128, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     return supervised(model, opt, x, y, g, steps=400, batch=32, clip=1.0 if fixed else None)
+
+
+def longer_sequences_rnn(seed: int, fixed: bool) -> Run:
+    g = _gen(seed)
+    x, y = sequences(g, steps=60)
+    model = RNNClassifier("RNN", 4, 128, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    calls = [0]
+
+    def curriculum(xb: Tensor) -> Tensor:
+        calls[0] += 1  # the first 150 batches hold the last 10 steps only; then the full 60 steps
+        return xb[:, -10:] if calls[0] <= 150 else xb
+
+    return supervised(model, opt, x, y, g, steps=400, batch=32, clip=1.0 if fixed else None, batch_x=curriculum)
 
 
 def outlier_targets_mlp(seed: int, fixed: bool) -> Run:
@@ -1026,6 +1040,16 @@ SCENARIOS: dict[str, Scenario] = {
             "RNN",
             "tanh RNN over 30 steps, SGD lr=0.3 (twin: clip_grad_norm 1)",
             tanh_rnn_sgd,
+            worse_than_twin(1.5),
+            first_blowup(),
+            repairable=True,
+        ),
+        _s(
+            "longer_sequences_rnn",
+            "exploding_gradients",
+            "RNN",
+            "tanh RNN, sequences grow from 10 to 60 steps at step 150 (twin: clip_grad_norm 1)",
+            longer_sequences_rnn,
             worse_than_twin(1.5),
             first_blowup(),
             repairable=True,
