@@ -704,7 +704,7 @@ def small_data_transformer(seed: int, fixed: bool) -> Run:
     xt, yt = x[:64], _flip(g, y[:64], 4, 0.3)
     model = TinyTransformer(d_model=48, layers=2)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    return supervised(model, opt, xt, yt, g, steps=400, batch=32, val=(x[512:], y[512:]), val_every=10)
+    return supervised(model, opt, xt, yt, g, steps=300, batch=32, val=(x[768:], y[768:]), val_every=10)
 
 
 # ----------------------------------------------------------------------------------------- non_finite
@@ -825,7 +825,7 @@ def healthy_grad_accum_gru(seed: int, fixed: bool) -> Run:
     x, y = sequences(g)
     model = RNNClassifier("GRU", 4, 32, 3)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    return supervised(model, opt, x, y, g, steps=300, batch=16, accumulate=4)
+    return supervised(model, opt, x, y, g, steps=250, batch=16, accumulate=4)
 
 
 def healthy_lstm(seed: int, fixed: bool) -> Run:
