@@ -1,0 +1,219 @@
+"""NonFinite: where and when the first NaN/Inf of a run appeared (inputs, parameters, loss or gradients)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._validate import check_int, check_type
+from ..hook import Hook
+from ..registry import register
+from ..stats import CheckContext, Observation, StepContext
+
+__all__ = ["NonFinite"]
+
+#: Sources in causal order within one step: what feeds the forward pass comes first.
+WHERE = ("inputs", "parameters", "loss", "gradients")
+_INPUTS, _PARAMS, _LOSS, _GRADS = range(len(WHERE))
+
+
+@register("nonfinite", default="monitor")
+class NonFinite(Hook):
+    """Find the first NaN/Inf of the run: in the inputs, the parameters, the loss or the gradients.
+
+    Per step, only device flags: the loss and the inputs given to ``guard.observe`` are tested with
+    ``isfinite``; the gradients through the step's shared per-parameter norms (a non-finite gradient
+    has a non-finite norm, so no second pass over the gradients); the parameters through the shared
+    weight norms, every ``param_every`` steps. Each source keeps, on the device, the first step it
+    went bad (``torch.where`` on the step number), and the gradients and parameters also keep which
+    tensor. At a check point the host reads those few numbers and, the first time anything is
+    non-finite, emits one ``nonfinite`` event naming the origin: the earliest step, and within a
+    step the earliest source in causal order (inputs, parameters, loss, gradients), with the first
+    layer in model order.
+
+    Division of work with the other hooks: this hook reports the origin, once per run, and never
+    changes training. :class:`~stallguard.GradNormMonitor` reports, per check interval, how many steps
+    had non-finite gradients (``nonfinite_gradients``). :class:`~stallguard.GradientClipper` (with
+    ``repair=True``) skips or zeroes such steps and reports that (``nonfinite_skipped``). All three
+    read the same shared gradient norms of the step.
+
+    Args:
+        param_every: Test the parameters every this many steps (0: never). A NaN written into a weight
+            between two tested steps is reported at the next tested step; the loss and gradients it
+            causes are seen at once.
+        check_inputs: Test floating-point ``inputs`` given to ``observe`` (one pass over the batch).
+        **kwargs: ``every``, ``start_step``, ``name`` (see :class:`~stallguard.Hook`).
+
+    Example:
+        >>> import torch, stallguard as sg
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> guard = sg.Guard(model, opt, hooks=[sg.NonFinite()], sinks=[], check_every=4)
+        >>> for step in range(4):
+        ...     x = torch.rand(8, 3) * (step < 2)  # all-zero inputs from the third step: log(0)
+        ...     loss = -torch.log(model(x).sigmoid().mean() * x.mean())
+        ...     opt.zero_grad(); loss.backward(); guard.observe(loss); opt.step()
+        >>> e = guard.events[0]
+        >>> e.kind, e.data["where"], e.data["first_step"]
+        ('nonfinite', 'loss', 3)
+        >>> guard.close()
+    """
+
+    def __init__(self, param_every: int = 1, check_inputs: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        owner = type(self).__name__
+        self.param_every = check_int(owner, "param_every", param_every, min=0)
+        self.check_inputs = check_type(owner, "check_inputs", check_inputs, bool, "a bool")
+        self.add_state("reported", False)
+        self.add_state("interval_start", 0)
+        self._slot_names: list[str] = []
+        self._slot_of: dict[str, int] = {}
+        self._index: dict[tuple[str, ...], Tensor] = {}
+        self._pending_state: dict[str, Any] | None = None
+        self._pending: list[Tensor | None] = [None] * len(WHERE)  # this step's observed flags
+        self._pending_step: int | None = None
+        self._false: Tensor | None = None
+
+    def on_attach(self, guard: Any) -> None:
+        names: list[str] = []
+        if guard.module is not None:
+            names = [n for n, _ in guard.module.named_parameters()]
+        for i in range(len(guard.optimizers)):
+            names += [n for n in guard.optimizer_parameters(i)[1] if n not in names]
+        self._slot_names = names
+        self._slot_of = {n: j for j, n in enumerate(names)}
+        n_slots = len(names) + 1  # the last slot: parameters that joined after attach
+        # Steps since the interval began (exact in float32); inf = never.
+        self.add_state("first", torch.full((len(WHERE),), math.inf), reduce="min", reset=True)
+        # Row 0: gradients, row 1: parameters; one column per parameter, in model order.
+        self.add_state("layer_first", torch.full((2, n_slots), math.inf), reduce="min", reset=True)
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            super().load_state_dict(state)
+        else:
+            self.interval_start = guard.step
+
+    # ----------------------------------------------------------------- per step: device ops only
+    def _offset(self, step: int) -> float:
+        return float(step - self.interval_start)
+
+    def _flush(self, step: int, row: list[Tensor | None]) -> None:
+        """Fold one step's four flags into ``first`` with one stack, one where and one minimum."""
+        false = self._false
+        if false is None or false.device != self.first.device:
+            false = self._false = torch.zeros((), dtype=torch.bool, device=self.first.device)
+        bad = torch.stack([false if f is None else f for f in row])
+        torch.minimum(self.first, torch.where(bad, self._offset(step), math.inf), out=self.first)
+
+    @torch.no_grad()
+    def on_observe(self, obs: Observation) -> None:
+        if self.reported:
+            return
+        step = obs.step + 1  # the loss and batch of the step under way
+        if self._pending_step is not None and self._pending_step != step:
+            self._flush(self._pending_step, self._pending)
+            self._pending = [None] * len(WHERE)
+        self._pending_step = step
+        if isinstance(obs.loss, Tensor):
+            self._add(_LOSS, ~torch.isfinite(obs.loss).to(self.first.device))
+        elif obs.loss is not None and not math.isfinite(obs.loss):
+            self._add(_LOSS, torch.ones((), dtype=torch.bool, device=self.first.device))
+        x = obs.inputs
+        if self.check_inputs and isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
+            self._add(_INPUTS, ~torch.isfinite(x).all().to(self.first.device))
+
+    def _add(self, where: int, bad: Tensor) -> None:
+        prev = self._pending[where]
+        self._pending[where] = bad if prev is None else prev | bad  # several observe calls (accumulation)
+
+    @torch.no_grad()
+    def on_before_step(self, ctx: StepContext) -> None:
+        if self.reported:
+            return
+        step = ctx.step
+        row = self._pending if self._pending_step == step else [None] * len(WHERE)
+        if self._pending_step is not None and self._pending_step != step:
+            self._flush(self._pending_step, self._pending)
+        self._pending, self._pending_step = [None] * len(WHERE), None
+        norms = ctx.grad_norms()
+        if norms is not None:
+            idx = self._slots(norms.names, norms.per_tensor.device)
+            bad = ~torch.isfinite(norms.per_tensor)
+            row[_GRADS] = ~norms.finite
+            found = getattr(ctx.optimizer, "found_inf", None)
+            if isinstance(found, Tensor):
+                # A GradScaler overflow with a fused optimizer: the step is skipped on purpose, not a NaN bug.
+                ok = found.detach().to(bad.device).reshape(()) <= 0
+                bad, row[_GRADS] = bad & ok, row[_GRADS] & ok
+            if self.param_every and (step - self.start_step) % self.param_every == 0:
+                pbad = ~torch.isfinite(ctx.param_norms())
+                row[_PARAMS] = pbad.any()
+                bad = torch.stack([bad, pbad])
+            else:
+                bad = torch.stack([bad, torch.zeros_like(bad)])
+            when = torch.where(bad, self._offset(step), math.inf)
+            self.layer_first.scatter_reduce_(1, idx.expand(2, -1), when, "amin")
+        if any(f is not None for f in row):
+            self._flush(step, row)
+
+    def _slots(self, names: list[str], device: torch.device) -> Tensor:
+        key = tuple(names)
+        idx = self._index.get(key)
+        if idx is None:
+            other = len(self._slot_names)
+            # Built once per parameter set: a host-to-device copy, never on every step.
+            idx = self._index[key] = torch.tensor([self._slot_of.get(n, other) for n in names], device=device)
+        return idx
+
+    # ----------------------------------------------------------------- check point
+    def on_check(self, check: CheckContext) -> None:
+        v = check.values
+        start, self.interval_start = self.interval_start, check.step
+        if self.reported:
+            return
+        first = np.asarray(v["first"], dtype=np.float64).reshape(-1)
+        if not np.isfinite(first).any():
+            return
+        earliest = float(first.min())
+        origin = int(np.flatnonzero(first == earliest)[0])  # causal order breaks ties
+        layer = None
+        if origin in (_GRADS, _PARAMS):
+            rows = np.asarray(v["layer_first"], dtype=np.float64).reshape(2, -1)
+            per = rows[0 if origin == _GRADS else 1]
+            names = [*self._slot_names, "(added after attach)"]
+            hits = np.flatnonzero(per == earliest)  # none when only the total norm overflowed
+            layer = names[int(hits[0])] if len(hits) else None  # slots are in model order
+        first_step = int(start + earliest)
+        seen = {WHERE[k]: int(start + first[k]) for k in range(len(WHERE)) if math.isfinite(first[k])}
+        self.reported = True
+        where = WHERE[origin]
+        self.emit(
+            "nonfinite",
+            "error",
+            f"first NaN/Inf of the run: {where} at step {first_step}"
+            + (f", in {layer}" if layer else "")
+            + (
+                f" (also: {', '.join(f'{k} at step {s}' for k, s in seen.items() if k != where)})"
+                if len(seen) > 1
+                else ""
+            ),
+            causes=("non_finite",),
+            confidence=0.95,
+            where=where,
+            first_step=first_step,
+            layer=layer,
+            sources=seen,
+        )
+
+    # ----------------------------------------------------------------- state
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (before or after the Guard attaches)."""
+        if self.guard is None:
+            # Per-layer states take their shapes from the model at attach.
+            self._pending_state = dict(state)
+            return
+        super().load_state_dict(state)

@@ -1,0 +1,219 @@
+"""TargetStats on small real training runs: chance-level loss, imbalance, collapse, label range, shapes."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings as pywarnings
+
+import pytest
+import torch
+from torch import nn
+
+import stallguard as sg
+from tests.data_models import kinds, linear_labels, mlp, train, warnings
+
+
+def events_of(guard: sg.Guard, kind: str) -> list[sg.Event]:
+    return [e for e in guard.events if e.kind == kind]
+
+
+def imbalanced(learnable: bool) -> object:
+    """Two classes, 95/5: random minority labels (a model can only predict the majority) or a learnable cut."""
+
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(64, 16, generator=g)
+        if learnable:
+            y = (x[:, 0] > 1.645).long()  # the top 5% of feature 0
+        else:
+            y = (torch.rand(64, generator=g) < 0.05).long()
+        return x, y
+
+    return batch
+
+
+# ----------------------------------------------------------------------------- loss at chance
+def test_random_labels_leave_the_loss_at_chance() -> None:
+    guard = train(mlp(), linear_labels(random=True), hooks=[sg.TargetStats()], steps=260, check_every=20)
+    (e,) = events_of(guard, "loss_at_chance")
+    assert e.step == 200  # the first check with `patience` losses observed
+    assert e.severity == sg.Severity.WARNING and e.causes == ("no_signal",)
+    assert e.data["chance"] == pytest.approx(math.log(4), rel=0.01)
+    assert abs(e.data["loss"] - e.data["chance"]) < 0.05 * e.data["chance"]
+    assert warnings(guard) == ["loss_at_chance"]  # reported once while the stall lasts
+
+
+def test_the_same_run_with_learnable_labels_is_quiet() -> None:
+    # It starts at chance too; it leaves the band long before `patience` steps.
+    guard = train(mlp(), linear_labels(), hooks=[sg.TargetStats()], steps=260, check_every=20)
+    assert kinds(guard) == []
+
+
+# ----------------------------------------------------------------------------- imbalance and collapse
+def test_imbalanced_labels_and_a_collapsed_model() -> None:
+    hook = sg.TargetStats(every=1)
+    guard = train(mlp(classes=2), imbalanced(learnable=False), hooks=[hook], steps=120, lr=0.1)
+    (imb,) = events_of(guard, "class_imbalance")
+    assert imb.step == 10 and imb.causes == ("class_imbalance",)
+    assert imb.data["ratio"] > 10 and imb.data["majority"] == 0 and imb.data["minority"] == 1
+    assert sum(imb.data["counts"]) == imb.data["samples"] == 640
+    (col,) = events_of(guard, "predictions_collapsed")
+    assert col.causes == ("class_imbalance",) and col.data["predicted_class"] == 0 and col.data["steps"] >= 100
+    assert col.data["fraction"] >= 0.95 and col.data["label_fraction"] < col.data["fraction"]
+    assert guard.diagnose()[0].cause == "class_imbalance"
+
+
+def test_imbalanced_labels_that_are_learned_do_not_collapse() -> None:
+    # It predicts the majority only for its first steps; meanwhile its loss falls below chance.
+    guard = train(mlp(classes=2), imbalanced(learnable=True), hooks=[sg.TargetStats(every=1)], steps=120, lr=0.1)
+    assert kinds(guard) == ["class_imbalance"]
+    assert guard.diagnose() == []  # imbalanced data that is being learned fine is not a failure
+
+
+def test_a_balanced_collapsed_model_points_to_no_signal() -> None:
+    model = mlp()
+    with torch.no_grad():
+        model[2].bias.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))  # class 0 wins for every input
+    guard = train(model, linear_labels(), hooks=[sg.TargetStats(every=1)], steps=120, lr=0.0)
+    (col,) = events_of(guard, "predictions_collapsed")
+    assert (
+        col.step == 100 and col.data["since_step"] == 0 and col.causes == ("no_signal",) and col.data["fraction"] == 1.0
+    )
+
+
+# ----------------------------------------------------------------------------- label range and shapes
+def test_one_based_labels_are_out_of_range() -> None:
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = linear_labels()(g)
+        return x, y + 1  # labels 1..4 for 4 outputs
+
+    def clamped_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # A hand-written loss that clamps instead of failing, as custom losses do.
+        return nn.functional.cross_entropy(out, y.clamp(max=out.shape[1] - 1))
+
+    guard = train(mlp(), batch, hooks=[sg.TargetStats(every=1)], steps=20, loss_fn=clamped_ce)
+    found = events_of(guard, "labels_out_of_range")
+    assert [e.step for e in found] == [10, 20] and all(e.severity == sg.Severity.ERROR for e in found)
+    assert found[0].data["min"] == 1 and found[0].data["max"] == 4 and found[0].data["num_classes"] == 4
+    assert 0 < found[0].data["count"] < 640 and found[1].data["total"] > found[0].data["total"]
+
+
+def test_ignore_index_is_not_out_of_range() -> None:
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = linear_labels()(g)
+        y[:8] = -100  # padding positions
+        return x, y
+
+    hook = sg.TargetStats(every=1)
+    train(mlp(), batch, hooks=[hook], steps=10)
+    assert "labels_out_of_range" not in [e.kind for e in hook.guard.events]  # type: ignore[union-attr]
+    assert float(hook.labels.sum()) == 10 * 56
+
+
+def test_mse_with_n1_outputs_against_n_targets_is_a_shape_mismatch() -> None:
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(64, 8, generator=g)
+        return x, x.sum(1)  # targets (N,), the model outputs (N, 1)
+
+    with pywarnings.catch_warnings():
+        pywarnings.simplefilter("ignore", UserWarning)  # torch's own broadcast warning, easy to miss in a log
+        guard = train(mlp(8, 1), batch, hooks=[sg.TargetStats(every=1)], steps=10, loss_fn=nn.functional.mse_loss)
+    (e,) = events_of(guard, "shape_mismatch")
+    assert e.step == 0 and e.severity == sg.Severity.ERROR
+    assert e.data["outputs_shape"] == (64, 1) and e.data["targets_shape"] == (64,)
+    assert "(64, 64)" in e.data["reason"]
+
+
+def test_integer_targets_that_fit_no_class_layout() -> None:
+    model = nn.Linear(8, 4)
+    guard = sg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), hooks=[sg.TargetStats()], sinks=[])
+    guard.observe(outputs=torch.randn(8, 4), targets=torch.zeros(8, 3, dtype=torch.long))
+    assert kinds(guard) == ["shape_mismatch"]
+    guard.close()
+
+
+def test_regression_runs_skip_the_class_checks() -> None:
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(64, 8, generator=g)
+        return x, x[:, :1] * 2.0 + 0.3
+
+    hook = sg.TargetStats(every=1)
+    guard = train(mlp(8, 1), batch, hooks=[hook], steps=20, loss_fn=nn.functional.mse_loss)
+    assert hook.task == "regression" and kinds(guard) == []
+
+
+def test_binary_bce_with_float_targets_is_a_classification() -> None:
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(64, 8, generator=g)
+        return x, (x[:, 0] + x[:, 1] > 0).float().unsqueeze(1)
+
+    hook = sg.TargetStats(every=1, min_samples=100)
+    guard = train(mlp(8, 1), batch, hooks=[hook], steps=20, loss_fn=nn.functional.binary_cross_entropy_with_logits)
+    assert hook.task == "binary?" and hook.n_classes == 2 and float(hook.labels.sum()) == 20 * 64
+    assert kinds(guard) == []
+
+
+def test_soft_binary_targets_are_regression() -> None:
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(64, 8, generator=g)
+        return x, torch.sigmoid(x[:, :1])
+
+    hook = sg.TargetStats(every=1)
+    guard = train(mlp(8, 1), batch, hooks=[hook], steps=20, loss_fn=nn.functional.binary_cross_entropy_with_logits)
+    assert hook.task == "regression" and kinds(guard) == []
+
+
+@pytest.mark.parametrize(("out_shape", "tgt_shape", "classes"), [((4, 5, 3, 3), (4, 3, 3), 5), ((4, 7, 6), (4, 7), 6)])
+def test_dense_prediction_layouts(out_shape: tuple, tgt_shape: tuple, classes: int) -> None:
+    hook = sg.TargetStats(every=1)
+    model = nn.Linear(2, 2)
+    guard = sg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), hooks=[hook], sinks=[], strict=True)
+    guard.observe(outputs=torch.randn(out_shape), targets=torch.randint(0, classes, tgt_shape))
+    assert hook.task == "multiclass" and hook.n_classes == classes
+    n = math.prod(tgt_shape)
+    assert float(hook.labels.sum()) == n and float(hook.window_preds.sum()) == n
+    guard.close()
+
+
+# ----------------------------------------------------------------------------- state and arguments
+def test_state_dict_round_trip_through_torch_save() -> None:
+    hook = sg.TargetStats(every=1)
+    guard = train(mlp(classes=2), imbalanced(learnable=False), hooks=[hook], steps=25, lr=0.1)
+    buf = io.BytesIO()
+    torch.save(guard.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    fresh = sg.TargetStats(every=1)
+    fresh.load_state_dict(state["hooks"]["TargetStats"])
+    assert fresh.task == "multiclass" and fresh.n_classes == 2 and fresh.reported == hook.reported
+    assert torch.equal(fresh.labels, hook.labels) and fresh.collapse_start == hook.collapse_start
+    model = mlp(classes=2)
+    g2 = sg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.0), hooks=[fresh], sinks=[])
+    g2.load_state_dict(state)
+    assert torch.equal(fresh.labels, hook.labels)
+    g2.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "text"),
+    [
+        ({"every": 0}, ValueError, "every must be an int >= 1"),
+        ({"imbalance_ratio": 1.0}, ValueError, "imbalance_ratio must be > 1.0"),
+        ({"min_samples": 0}, ValueError, "min_samples must be an int >= 1"),
+        ({"max_classes": 1}, ValueError, "max_classes must be an int >= 2"),
+        ({"collapse_fraction": 0.4}, ValueError, "collapse_fraction must be > 0.5"),
+        ({"collapse_patience": 0}, ValueError, "collapse_patience must be an int >= 1"),
+        ({"margin": 0.0}, ValueError, "margin must be > 0.0"),
+        ({"margin": "small"}, TypeError, "margin must be a number"),
+        ({"patience": 2}, ValueError, "patience must be an int >= 5"),
+        ({"ignore_index": None}, TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_bad_arguments_name_the_hook_and_the_parameter(kwargs: dict, error: type, text: str) -> None:
+    with pytest.raises(error, match=f"TargetStats: {text}"):
+        sg.TargetStats(**kwargs)
+
+
+def test_registered_as_a_default_monitor() -> None:
+    assert type(sg.create("target_stats")) is sg.TargetStats
+    assert any(type(h) is sg.TargetStats for h in sg.default_hooks())
