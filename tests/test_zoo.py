@@ -14,6 +14,18 @@ from benchmarks.zoo.scenarios import SCENARIOS, lr_low_mlp
 
 pytestmark = pytest.mark.slow
 
+#: Quick scenarios that stallguard does not yet diagnose correctly, with what it reports instead (see the
+#: "Stall zoo" section of benchmarks/RESULTS.md). strict=True: a fix makes the test pass and fail as XPASS,
+#: so the entry must then be removed.
+KNOWN_MISSES: dict[str, str] = {}
+
+
+def _cases(names: list[str]) -> list:
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[n])) if n in KNOWN_MISSES else n
+        for n in names
+    ]
+
 
 def test_quick_subset_covers_every_cause() -> None:
     import stallguard as sg
@@ -29,15 +41,16 @@ def test_quick_subset_covers_every_cause() -> None:
     assert sum(1 for s in SCENARIOS.values() if s.cause == "healthy") >= 8
 
 
-@pytest.mark.parametrize("cause", sorted(QUICK))
-def test_quick_scenario_diagnosis(cause: str) -> None:
-    scenario = SCENARIOS[QUICK[cause]]
+@pytest.mark.parametrize("name", _cases([QUICK[c] for c in sorted(QUICK)]))
+def test_quick_scenario_diagnosis(name: str) -> None:
+    scenario = SCENARIOS[name]
+    cause = scenario.cause
     _, guard = run_once(scenario, guard="monitor")
     ranked = [d.cause for d in guard.diagnose()]
     assert ranked and ranked[0] == cause, f"{scenario.name}: diagnosed {ranked}, events {guard.report()}"
 
 
-@pytest.mark.parametrize("name", QUICK_HEALTHY)
+@pytest.mark.parametrize("name", _cases(QUICK_HEALTHY))
 def test_quick_healthy_stays_quiet(name: str) -> None:
     _, guard = run_once(SCENARIOS[name], guard="monitor")
     assert guard.diagnose() == [], guard.report()
