@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import hooks as _builtin_hooks  # noqa: F401  (registers the built-in hooks by name)
 from .causes import CAUSES
 from .diagnosis import Diagnosis, diagnose
+from .distributed import LayoutMismatchError, SyncTimeoutError
 from .events import SCHEMA_VERSION, Event, EventBus, Severity
 from .guard import Guard, Series
 from .hook import REDUCTIONS, Hook, TrainingInterrupted
@@ -61,6 +62,7 @@ __all__ = [
     "InputStats",
     "JSONLSink",
     "LRAutoReducer",
+    "LayoutMismatchError",
     "LoggingSink",
     "MemorySink",
     "NonFinite",
@@ -76,6 +78,7 @@ __all__ = [
     "SkippedSteps",
     "StaleParams",
     "StepContext",
+    "SyncTimeoutError",
     "TargetStats",
     "TensorBoardSink",
     "TrainingInterrupted",

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_int, check_type
-from .distributed import DistributedContext, reduce_rows
+from ._validate import check_float, check_int, check_type
+from .distributed import DistributedContext, SyncTimeoutError, pack_value, unpack_value
 from .events import Event, Severity
 from .hook import Hook, TrainingInterrupted
 from .registry import create, default_hooks
@@ -47,7 +47,20 @@ _LIFECYCLE = (
     "on_close",
 )
 
-_CONFIG_KEYS = {"hooks", "sinks", "repair", "check_every", "strict", "max_events", "emit_rank", "history"}
+# Which packed collective carries each reduction (see stallguard.distributed).
+_BUCKET = {"max": "max", "min": "max", "any": "max", "all": "max", "sum": "sum", "mean": "sum", "gather": "gather"}
+
+_CONFIG_KEYS = {
+    "hooks",
+    "sinks",
+    "repair",
+    "check_every",
+    "strict",
+    "max_events",
+    "emit_rank",
+    "history",
+    "close_timeout",
+}
 
 
 class Series:
@@ -146,8 +159,12 @@ class Guard:
             and :meth:`after_step` around each optimizer step yourself.
         strict: Re-raise exceptions from hooks and sinks instead of reporting and disabling them.
         max_events: How many events :attr:`events` keeps.
-        emit_rank: Under torch.distributed, the rank whose sinks write (None: every rank).
+        emit_rank: Under torch.distributed, the rank whose sinks write, so that each event reaches
+            them once per job; ``"all"`` (or None) makes every rank write. See ``docs/distributed.md``.
         history: How many values each observed scalar stream keeps on the host.
+        close_timeout: Under torch.distributed, how many seconds :meth:`close` waits for every rank to
+            join its final check point before it skips it with a warning (None: wait as long as the
+            process group allows).
 
     Example:
         >>> import torch, stallguard as sg
@@ -177,8 +194,9 @@ class Guard:
         attach_optimizer: bool = True,
         strict: bool = False,
         max_events: int = 10_000,
-        emit_rank: int | None = 0,
+        emit_rank: int | str | None = 0,
         history: int = 100_000,
+        close_timeout: float | None = 60.0,
     ) -> None:
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"Guard: model must be a torch.nn.Module or None, got {type(model).__name__}")
@@ -191,8 +209,11 @@ class Guard:
         self.attach_optimizer = check_type("Guard", "attach_optimizer", attach_optimizer, bool, "a bool")
         self.max_events = check_int("Guard", "max_events", max_events, min=1)
         self.history = check_int("Guard", "history", history, min=1)
-        if emit_rank is not None:
+        if emit_rank is not None and emit_rank != "all":
             check_int("Guard", "emit_rank", emit_rank, min=0)
+        if close_timeout is not None:
+            close_timeout = check_float("Guard", "close_timeout", close_timeout, min=0.0, min_open=True)
+        self.close_timeout = close_timeout
         if scaler is not None and not callable(getattr(scaler, "get_backoff_factor", None)):
             raise TypeError(f"Guard: scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         self.scaler = scaler
@@ -214,6 +235,12 @@ class Guard:
         self._contexts: dict[int, StepContext] = {}
         self._publish_depth = 0
         self.sink_failures: dict[int, int] = {}
+        # Under torch.distributed: whether this rank's observed loss was non-finite since the last step
+        # (device bool), and per rank, steps with non-finite gradients / losses and the first such step.
+        self._loss_bad: Tensor | None = None
+        self._rank_nonfinite: Tensor | None = None
+        self._remote_failures: set[tuple[str, int]] = set()
+        self._disabled_elsewhere: set[int] = set()
 
         self.sinks: list[Sink] = self._build_sinks(sinks)
         self.hooks: list[Hook] = self._build_hooks(hooks)
@@ -260,7 +287,11 @@ class Guard:
             raise TypeError(
                 f"Guard: sinks must be a list of sinks (wrap a single sink in a list), got {type(sinks).__name__}"
             )
-        return [create_sink(s) for s in sinks]
+        entries = list(sinks)
+        if not self._distributed.should_emit():
+            # Config entries are built on the writing rank only, so the other ranks open no file.
+            entries = [s for s in entries if isinstance(s, Sink)]
+        return [create_sink(s) for s in entries]
 
     def _build_hooks(self, hooks: Iterable[Hook] | None) -> list[Hook]:
         if hooks is None:
@@ -554,6 +585,10 @@ class Guard:
         step = self.step
         if loss is not None:
             self._pending.setdefault("loss", []).append((step, loss))
+            if self._distributed.multi:
+                # Kept on the device: it names the rank a NaN came from when the step's flags are agreed.
+                bad = ~torch.isfinite(torch.as_tensor(loss, device=self.device))
+                self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
         for key, value in metrics.items():
             self._pending.setdefault(key, []).append((step, value))
         obs = Observation(
@@ -678,45 +713,196 @@ class Guard:
 
         The Guard runs one every ``check_every`` optimizer steps and one on :meth:`close`; call it
         yourself at the end of an epoch to get decisions there. Under torch.distributed every rank
-        must call it at the same point (it runs one collective).
+        must call it at the same point: it runs one small collective that checks that every rank
+        packed the same states, then one packed ``all_reduce`` for the max/min/any/all states and
+        one for the sum/mean states and observed values (see ``docs/distributed.md``).
+
+        Raises:
+            LayoutMismatchError: under torch.distributed, on every rank, when the ranks packed
+                different states (different hooks, state shapes, steps or observed streams).
         """
         if self._closed:
             raise RuntimeError("Guard.check() called after close()")
+        self._check(final=final)
+
+    def _check(self, *, final: bool = False, timeout: float | None = None) -> None:
+        dctx = self._distributed
+        # Every hook's states travel, enabled or not, so that a hook disabled on one rank only does not
+        # change the layout; its flag below disables it on every rank.
         layout: list[tuple[str, Any, str, str, tuple[int, ...]]] = []
-        parts: list[Tensor] = []
+        parts: dict[str, list[Tensor]] = {"max": [], "sum": [], "gather": []}
+        described: list[Any] = []
         for h in self.hooks:
-            if not h.enabled:
-                continue
-            for name, how in h._synced_states():
+            states = h._synced_states()
+            described.append((h.name, type(h).__name__, [(n, how, tuple(getattr(h, n).shape)) for n, how in states]))
+            for name, how in states:
                 t: Tensor = getattr(h, name)
                 layout.append(("hook", h, name, how, tuple(t.shape)))
-                parts.append(t.detach().reshape(-1).to(self.device, torch.float64))
+                parts[_BUCKET[how]].append(pack_value(t.to(self.device), how))
         pending, self._pending = self._pending, {}
-        for key, entries in pending.items():
+        for key in sorted(pending):
+            entries = pending[key]
             values = [v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float64) for _, v in entries]
             layout.append(("series", key, "mean", "mean", (len(values),)))
-            parts.append(torch.stack([v.to(self.device, torch.float64) for v in values]))
+            parts["sum"].append(torch.stack([v.to(self.device, torch.float64) for v in values]))
+        if dctx.multi:
+            # Which hooks failed on each rank (and were disabled there): one column per rank.
+            failed = [0.0 if h.enabled or id(h) in self._disabled_elsewhere else 1.0 for h in self.hooks]
+            disabled = torch.zeros(len(self.hooks), dctx.world_size, dtype=torch.float64)
+            disabled[:, dctx.rank] = torch.tensor(failed, dtype=torch.float64)
+            layout.append(("disabled", None, "disabled", "max", tuple(disabled.shape)))
+            parts["max"].append(disabled.reshape(-1).to(self.device))
+            # Whether any rank has anything new: the final check of close() runs on every rank, but
+            # calls the hooks only when some rank stepped or observed since the last check point.
+            news = float(self.step > self._last_check_step or bool(pending))
+            layout.append(("news", None, "news", "max", (1,)))
+            parts["max"].append(torch.tensor([news], dtype=torch.float64, device=self.device))
+            if self._rank_nonfinite is not None:
+                layout.append(("rank_nonfinite", None, "rank_nonfinite", "max", tuple(self._rank_nonfinite.shape)))
+                parts["max"].append(pack_value(self._rank_nonfinite, "max"))
+            dctx.check_layout(
+                {
+                    "step": self.step,
+                    "hooks": described,
+                    "observed": [(k, len(pending[k])) for k in sorted(pending)],
+                    "skip_flags": self._rank_nonfinite is not None,
+                },
+                timeout=timeout,
+            )
+        empty = torch.zeros(0, dtype=torch.float64, device=self.device)
+        max_flat = torch.cat(parts["max"]) if parts["max"] else empty
+        sum_flat = torch.cat(parts["sum"]) if parts["sum"] else empty
+        max_flat, sum_flat = dctx.reduce_packed(max_flat, sum_flat)
+        gathered = dctx.gather(torch.cat(parts["gather"])) if parts["gather"] else None
+        # The one device-to-host read of the check point.
+        both = torch.cat([max_flat, sum_flat.to(max_flat.device)]).cpu().numpy()
+        host = {"max": both[: max_flat.numel()], "sum": both[max_flat.numel() :]}
+        offsets = {"max": 0, "sum": 0, "gather": 0}
         values_by_hook: dict[int, dict[str, Any]] = {id(h): {} for h in self.hooks}
-        if parts:
-            rows = self._distributed.gather(torch.cat(parts))
-            offset = 0
-            for owner_kind, owner, name, how, shape in layout:
-                size = math.prod(shape)
-                reduced = reduce_rows(rows[:, offset : offset + size], how)
-                offset += size
-                if owner_kind == "hook":
-                    out_shape = (rows.shape[0], *shape) if how == "gather" else shape
-                    arr = np.asarray(reduced).reshape(out_shape)
-                    values_by_hook[id(owner)][name] = arr.item() if arr.ndim == 0 else arr
-                else:
-                    self._commit_series(owner, [s for s, _ in pending[owner]], np.asarray(reduced, dtype=np.float64))
+        anything_new = True
+        for owner_kind, owner, name, how, shape in layout:
+            size = math.prod(shape)
+            bucket = _BUCKET.get(how, "max")
+            start = offsets[bucket]
+            offsets[bucket] += size
+            if bucket == "gather":
+                arr = np.asarray(gathered)[:, start : start + size].reshape(dctx.world_size, *shape)
+            else:
+                arr = np.asarray(unpack_value(host[bucket][start : start + size], how, dctx.world_size))
+            if owner_kind == "hook":
+                arr = arr.reshape(shape) if bucket != "gather" else arr
+                values_by_hook[id(owner)][name] = arr.item() if arr.ndim == 0 else arr
+            elif owner_kind == "series":
+                self._commit_series(owner, [s for s, _ in pending[owner]], arr.astype(np.float64))
+            elif owner_kind == "disabled":
+                self._disable_where_disabled_elsewhere(arr.reshape(shape))
+            elif owner_kind == "news":
+                anything_new = bool(arr[0] > 0)
+            else:
+                self._report_rank_nonfinite(arr.reshape(shape))
         for h in self.hooks:
             h._reset_states()
         self._last_check_step = self.step
+        if final and not anything_new:
+            self._flush_sinks()
+            return
         for h in self._by_method["on_check"]:
             if h.enabled:
                 self._call(h, "on_check", CheckContext(self, self.step, values_by_hook[id(h)], final=final))
         self._flush_sinks()
+
+    def agree_nonfinite(self, bad: Tensor) -> Tensor:
+        """Agree across ranks on whether this step's gradients are non-finite (device-side, no host read).
+
+        Returns a device bool that is True on every rank when ``bad`` is True on any rank, so that a
+        skipped step is skipped everywhere or nowhere. Under torch.distributed this is one
+        ``all_reduce`` of ``2 * world_size`` numbers, on the step; it also records which ranks held
+        non-finite gradients or observed a non-finite loss, reported as ``rank_nonfinite`` at the
+        next check point. Without torch.distributed it returns ``bad`` unchanged.
+        """
+        dctx = self._distributed
+        if not dctx.multi:
+            return bad
+        loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.bool)
+        self._loss_bad = None
+        local = torch.stack([bad.reshape(()).to(self.device), loss_bad.reshape(()).to(self.device)])
+        table = dctx.rank_flags(local)
+        if self._rank_nonfinite is None:
+            self._rank_nonfinite = torch.zeros(3, dctx.world_size, dtype=torch.float64, device=self.device)
+            self._rank_nonfinite[2] = math.inf
+        flagged = table.max(dim=0).values > 0
+        self._rank_nonfinite[:2] += table.to(torch.float64)
+        first = self._rank_nonfinite[2]
+        torch.minimum(first, torch.where(flagged, float(self.step + 1), math.inf).to(first.dtype), out=first)
+        return (table[0].max() > 0).reshape(bad.shape).to(bad.device)
+
+    def _disable_where_disabled_elsewhere(self, disabled: np.ndarray) -> None:
+        """Disable on this rank the hooks another rank disabled, and report each such failure once."""
+        for h, row in zip(self.hooks, disabled):
+            ranks = [r for r in range(len(row)) if row[r] > 0 and r != self.rank]
+            if not ranks:
+                continue
+            if h.enabled:
+                h.enabled = False
+                self._disabled_elsewhere.add(id(h))
+                h.remove_handles()
+                _log.warning("stallguard: hook %s failed on rank(s) %s and is disabled on every rank", h.name, ranks)
+            for r in ranks:
+                if (h.name, r) in self._remote_failures:
+                    continue
+                self._remote_failures.add((h.name, r))
+                # The failing rank's own hook_error reached only its guard.events and log; this one
+                # reaches the sinks of the writing rank.
+                self.publish(
+                    Event(
+                        kind="hook_error",
+                        severity=Severity.ERROR,
+                        message=f"{h.name} failed on rank {r} (see that rank's log); it is disabled on every rank",
+                        step=self.step,
+                        data={"hook": h.name, "method": "unknown", "error": f"raised on rank {r}"},
+                        epoch=self._epoch,
+                        rank=r,
+                        world_size=self.world_size,
+                    )
+                )
+
+    def _report_rank_nonfinite(self, table: np.ndarray) -> None:
+        """Name the ranks a non-finite step came from (identical numbers on every rank)."""
+        assert self._rank_nonfinite is not None
+        self._rank_nonfinite[:2] = 0.0
+        self._rank_nonfinite[2] = math.inf
+        grads, losses, first = table[0], table[1], table[2]
+        origins = [r for r in range(len(losses)) if losses[r] > 0]
+        if not origins:
+            # Non-finite gradients on every rank are the job's, not one rank's (the clipper reports them).
+            bad = [r for r in range(len(grads)) if grads[r] > 0]
+            origins = bad if len(bad) < len(grads) else []
+        for r in origins:
+            what = "loss" if losses[r] > 0 else "gradients"
+            n = int(max(losses[r], grads[r]))
+            self.publish(
+                Event(
+                    kind="rank_nonfinite",
+                    severity=Severity.WARNING,
+                    message=(
+                        f"rank {r} had a non-finite {what} in {n} step(s) from step {int(first[r])}; "
+                        "every rank agreed on those steps"
+                    ),
+                    step=self.step,
+                    data={
+                        "rank": r,
+                        "what": what,
+                        "loss_steps": int(losses[r]),
+                        "grad_steps": int(grads[r]),
+                        "first_step": int(first[r]),
+                        "ranks_with_nonfinite_grads": [i for i in range(len(grads)) if grads[i] > 0],
+                    },
+                    causes=("non_finite",),
+                    epoch=self._epoch,
+                    rank=r,
+                    world_size=self.world_size,
+                )
+            )
 
     def _commit_series(self, name: str, steps: list[int], values: np.ndarray) -> None:
         series = self._series.get(name)
@@ -821,6 +1007,7 @@ class Guard:
                 step=self.step,
                 data={"hook": hook.name, "method": method, "error": f"{type(exc).__name__}: {exc}"},
                 epoch=self._epoch,
+                rank=self.rank if self._distributed.multi else None,
                 world_size=self.world_size,
             )
         )
@@ -916,7 +1103,14 @@ class Guard:
         if self._closed:
             return
         try:
-            if self.step > self._last_check_step or self._pending:
+            if self._distributed.multi:
+                # Every rank runs the final check, whatever it observed since the last one: a rank that
+                # skipped it would leave the others waiting in its collectives.
+                try:
+                    self._check(final=True, timeout=self.close_timeout)
+                except SyncTimeoutError as exc:
+                    _log.warning("%s; the final check point is skipped on this rank", exc)
+            elif self.step > self._last_check_step or self._pending:
                 self.check(final=True)
             for h in self._by_method["on_close"]:
                 if h.enabled:

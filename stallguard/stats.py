@@ -219,9 +219,13 @@ class StepContext:
         if cached is not None:
             return cached
         _, grads, names = self._grads()
-        if not grads:
+        dctx = self.guard._distributed
+        # FSDP1 with use_orig_params: a rank may hold no gradient for a parameter outside its shard,
+        # so the collective runs over the optimizer's full parameter list, the same on every rank.
+        present = self._present()
+        if not grads and not (present and self.params):
             return None
-        per, total = self.guard._distributed.grad_norms(grads, norm_type)
+        per, total = dctx.grad_norms(grads, norm_type, present)
         scale = getattr(self.optimizer, "grad_scale", None)
         if isinstance(scale, Tensor):
             per = per / scale.to(per.device)
@@ -230,6 +234,12 @@ class StepContext:
         result = GradNorms(names=names, per_tensor=per, total=total, finite=finite, norm_type=norm_type)
         self._grad_norms[norm_type] = result
         return result
+
+    def _present(self) -> list[bool] | None:
+        dctx = self.guard._distributed
+        if dctx.sharded and dctx.kind == "fsdp":
+            return [p.grad is not None for p in self.params]
+        return None
 
     def refresh_grad_norms(self) -> None:
         """Forget this step's gradient norms after a hook changed the gradients in place.
@@ -243,7 +253,10 @@ class StepContext:
         """Per-parameter weight norms (L2, float32), aligned with :attr:`grad_names`."""
         if self._param_norms is None:
             params = [p.detach() for p in self._grads()[0]]
-            self._param_norms = tensor_norms(params)[0] if params else torch.zeros(0)
+            # Sharded weights (FSDP) are reduced across ranks like the gradients.
+            dctx = self.guard._distributed
+            present = self._present()
+            self._param_norms = dctx.grad_norms(params, 2.0, present)[0] if params or present else torch.zeros(0)
         return self._param_norms
 
     def request_update(self) -> None:

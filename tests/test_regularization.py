@@ -234,3 +234,24 @@ def test_config_round_trip() -> None:
     again = sg.Guard.from_config(model, opt, config)
     assert [h.get_config() for h in again.hooks] == [h.get_config() for h in hooks]
     again.close()
+
+
+def test_a_single_layer_pulled_to_zero_by_its_own_loss_is_not_an_l2_term() -> None:
+    # A linear model on XOR: the data loss is lowest at w = 0, so its gradient points along the weights as
+    # an L2 term's would, and the weights shrink; without configured decay that proves no regularization.
+    x = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]).repeat(16, 1)
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0]).repeat(16).unsqueeze(1)
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    guard = sg.Guard(model, opt, hooks=[sg.Regularization(every=1)], sinks=[], check_every=10, strict=True)
+    start = model.weight.detach().norm().item()
+    for _ in range(200):
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        guard.observe(loss)
+        opt.step()
+    guard.close()
+    assert model.weight.detach().norm().item() < 0.5 * start  # the weights did shrink towards zero
+    assert over_reg(guard) == []

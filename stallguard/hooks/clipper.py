@@ -190,7 +190,11 @@ class GradientClipper(Hook):
         device = norms.total.device
         prev = getattr(opt, "found_inf", None)
         scaler_skip = prev.detach().to(device).reshape(()) > 0 if isinstance(prev, Tensor) else None
-        bad = ~norms.finite if scaler_skip is None else ~norms.finite & ~scaler_skip
+        finite = norms.finite
+        if self.nonfinite in ("skip", "raise"):
+            # Under torch.distributed every rank skips (or raises) alike: one tiny all_reduce per step.
+            finite = ~self.guard.agree_nonfinite(~finite)  # type: ignore[union-attr]
+        bad = ~finite if scaler_skip is None else ~finite & ~scaler_skip
         fused = bool(getattr(opt, "_step_supports_amp_scaling", False))
 
         if self.nonfinite == "raise" or (self.nonfinite == "skip" and self.sync and not fused):
@@ -217,16 +221,17 @@ class GradientClipper(Hook):
                 g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             ctx.refresh_grad_norms()
             norms = ctx.grad_norms(norm_type) or norms
+            finite = norms.finite
 
         total = norms.total
-        ok = norms.finite if scaler_skip is None else norms.finite & ~scaler_skip
+        ok = finite if scaler_skip is None else finite & ~scaler_skip
         if self.mode == "value":
             post, clipped = self._clip_value(grads, opt, total)
         else:
             coef, threshold = self._coefficient(i, total, ok)
             if self.nonfinite == "skip":
                 # Leave a skipped step's gradients as they are (zeroed, or skipped in-kernel).
-                coef = torch.where(norms.finite, coef, 1.0)
+                coef = torch.where(finite, coef, 1.0)
             _mul_grouped(grads, coef)
             post, clipped = total * coef, total > threshold
         self._record(i, ctx.optimizer_step, bad, ok, total, post, clipped)

@@ -59,7 +59,9 @@ class Regularization(Hook):
     their total norm is at most ``shrink_ratio`` times what it was at the time the Guard attached. (A run
     that learns grows its weights from the initialization; a run that has fitted its data can let the
     decay take over the step without harm, but its weights grew first.) The event is reported once
-    per episode: again only after the condition cleared at a check point.
+    per episode: again only after the condition cleared at a check point. A model with one weight layer
+    and no configured weight decay is judged by the decay share only: a data loss whose optimum is at
+    zero weights (a linear model on XOR) points its gradient along the weights as well.
 
     Args:
         cos_threshold: Mean cosine of a layer's (effective) gradient with its weights at or above
@@ -298,6 +300,11 @@ class Regularization(Hook):
         now_norm = float(np.sqrt(np.sum(now[known] ** 2)))
         ratio = now_norm / start_norm if start_norm > 0 else math.nan
         parallel = cos >= self.cos_threshold
+        decay_set = any(w > 0 for w in self._decay_seen.get("weight_decay", ()))
+        if len(names) < 2 and not decay_set:
+            # One layer and no configured decay: a data loss whose optimum is w = 0 (a linear model on XOR)
+            # pulls the weights straight to zero too, so the direction alone proves no L2 term.
+            parallel[:] = False
         heavy = share >= self.share_threshold
         flagged = parallel | heavy
         fraction = float(flagged.mean())

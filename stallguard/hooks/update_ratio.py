@@ -40,7 +40,7 @@ class UpdateRatio(Hook):
     out (biases often start at zero, where the ratio means nothing; a few rows of an embedding move
     per step). A weight that is exactly zero gives no ratio, nor does one whose gradient is exactly
     zero (dead units or a cut graph: no learning rate would move it, so it says nothing about the
-    learning rate); a non-finite update counts as infinite.
+    learning rate), nor does a non-finite update or weight.
 
     At each check point, once ``window`` samples are in, the host reads the buffer and takes the
     median over layers and steps:
@@ -153,8 +153,9 @@ class UpdateRatio(Hook):
         delta = update.delta.index_select(0, rows)
         weight = update.weight.index_select(0, rows)
         ratio = delta / weight
-        # Zero weights give no ratio; a non-finite update (or weight) counts as an infinite one.
-        ratio = torch.where(weight == 0, math.nan, torch.nan_to_num(ratio, nan=math.inf))
+        # Zero weights give no ratio, nor do non-finite updates or weights: a NaN says where the arithmetic
+        # broke (the nonfinite check's business), not how large the steps were.
+        ratio = torch.where((weight == 0) | ~torch.isfinite(ratio), math.nan, ratio)
         grads = ctx.grad_norms()
         if grads is not None and grads.names == update.names:
             # A weight whose gradient is exactly zero (dead units, a cut graph) says nothing about the
