@@ -125,4 +125,5 @@ def test_summary_counts_false_positives() -> None:
         ],
         ["stallguard"],
     )["stallguard"]
-    assert (s["top1"], s["top3"], s["faulty"], s["false_positives"], s["median_latency"]) == (1, 2, 2, 1, 65)
+    got = (s["top1"], s["top3"], s["faulty"], s["false_positives"], s["healthy_warned"], s["median_latency"])
+    assert got == (1, 2, 2, 0, 1, 65)

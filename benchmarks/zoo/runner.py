@@ -165,7 +165,7 @@ def run_scenario(
         v.twin.final_loss if v.twin is not None else None,
     )
     res.detectors["stallguard"] = _detector([d.cause for d in diag], first, scenario.cause, v.onset)
-    res.events = _event_summary(guard.events)
+    res.events = _event_summary(guard.events, sg.Severity.INFO)
     if baselines:
         _, tracer = run_once(scenario, seed=seed, tracer=True)
         for name, (ranked, first_alarm) in run_baselines(tracer.records, tracer.meta).items():
@@ -215,7 +215,10 @@ def summarize(results: list[Result], detectors: Iterable[str]) -> dict[str, dict
         hs = [r.detectors[name] for r in healthy if name in r.detectors]
         top1 = sum(1 for _, d in ds if d.rank == 1)
         top3 = sum(1 for _, d in ds if d.rank is not None and d.rank <= 3)
-        fp = sum(1 for d in hs if d.ranked or d.first_warning is not None)
+        # A false positive is a healthy run given a cause; a warning event alone (e.g. "labels are
+        # imbalanced" on a run that learns them) is counted apart.
+        fp = sum(1 for d in hs if d.ranked)
+        warned = sum(1 for d in hs if d.first_warning is not None)
         lats = [d.latency for _, d in ds if d.latency is not None]
         out[name] = {
             "faulty": len(ds),
@@ -225,6 +228,7 @@ def summarize(results: list[Result], detectors: Iterable[str]) -> dict[str, dict
             "top3_recall": top3 / len(ds) if ds else math.nan,
             "healthy": len(hs),
             "false_positives": fp,
+            "healthy_warned": warned,
             "detected": len(lats),
             "median_latency": statistics.median(lats) if lats else None,
         }
