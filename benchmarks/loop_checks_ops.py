@@ -54,15 +54,15 @@ def main() -> None:
         ("ZeroGradCheck()", lambda: [sg.ZeroGradCheck()]),
         ("StaleParams()", lambda: [sg.StaleParams()]),
         ("NonFinite()", lambda: [sg.NonFinite()]),
-        ("NonFinite(param_every=0)", lambda: [sg.NonFinite(param_every=0)]),
+        ("NonFinite(grad_every=1, param_every=1)", lambda: [sg.NonFinite(grad_every=1, param_every=1)]),
         ("GradNormMonitor()", lambda: [sg.GradNormMonitor()]),
         ("GradNormMonitor() + NonFinite()", lambda: [sg.GradNormMonitor(), sg.NonFinite()]),
     ]
     plain5, plain10 = count([], 5), count([], 10)
     print(f"plain step (empty Guard): {plain5} aten calls")
-    print("hook                              step 5 (not sampled)  step 10 (sampled)")
+    print("hook                                    step 5 (not sampled)  step 10 (sampled)")
     for name, make in variants:
-        print(f"{name:34s}{count(make(), 5) - plain5:>20d}{count(make(), 10) - plain10:>19d}")
+        print(f"{name:40s}{count(make(), 5) - plain5:>20d}{count(make(), 10) - plain10:>19d}")
 
 
 if __name__ == "__main__":

@@ -300,7 +300,8 @@ def test_nan_in_a_weight() -> None:
     x, y = regression_data()
     model = TwoLayer()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    guard = sg.Guard(model, opt, hooks=[sg.NonFinite()], sinks=[], check_every=10, strict=True)
+    hooks = [sg.NonFinite(grad_every=1, param_every=1)]  # every step: the exact origin
+    guard = sg.Guard(model, opt, hooks=hooks, sinks=[], check_every=10, strict=True)
     for s in range(12):
         if s == 4:
             with torch.no_grad():
@@ -314,6 +315,27 @@ def test_nan_in_a_weight() -> None:
     (ev,) = of_kind(guard, "nonfinite")
     assert ev.data["where"] == "parameters" and ev.data["first_step"] == 5 and ev.data["layer"] == "l2.weight"
     assert ev.data["sources"]["loss"] == 5
+
+
+def test_nan_in_a_weight_is_found_by_the_sampled_default_too() -> None:
+    x, y = regression_data()
+    model = TwoLayer()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = sg.Guard(model, opt, hooks=[sg.NonFinite()], sinks=[], check_every=10, strict=True)
+    for s in range(22):
+        if s == 4:
+            with torch.no_grad():
+                model.l2.weight[0, 3] = math.nan
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.observe(loss)
+        opt.step()
+    guard.close()
+    (ev,) = of_kind(guard, "nonfinite")
+    # The weights and gradients are tested on every 10th step; the NaN loss they cause is seen at once.
+    assert ev.data["where"] == "loss" and ev.data["first_step"] == 5
+    assert ev.data["sources"]["parameters"] == 10 and ev.data["sources"]["gradients"] == 10
 
 
 def test_nan_in_inputs_and_first_gradient_layer() -> None:
@@ -339,7 +361,7 @@ def test_gradient_only_nonfinite_names_the_first_layer_in_model_order() -> None:
     x, y = regression_data()
     model = TwoLayer()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    guard = sg.Guard(model, opt, hooks=[sg.NonFinite()], sinks=[], check_every=5, strict=True)
+    guard = sg.Guard(model, opt, hooks=[sg.NonFinite(grad_every=1)], sinks=[], check_every=5, strict=True)
     for s in range(5):
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)

@@ -27,13 +27,15 @@ class NonFinite(Hook):
 
     Per step, only device flags: the loss and the inputs given to ``guard.observe`` are tested with
     ``isfinite``; the gradients through the step's shared per-parameter norms (a non-finite gradient
-    has a non-finite norm, so no second pass over the gradients); the parameters through the shared
-    weight norms, every ``param_every`` steps. Each source keeps, on the device, the first step it
-    went bad (``torch.where`` on the step number), and the gradients and parameters also keep which
-    tensor. At a check point the host reads those few numbers and, the first time anything is
-    non-finite, emits one ``nonfinite`` event naming the origin: the earliest step, and within a
-    step the earliest source in causal order (inputs, parameters, loss, gradients), with the first
-    layer in model order.
+    has a non-finite norm, so no second pass over the gradients), every ``grad_every`` steps; the
+    parameters through the shared weight norms, every ``param_every`` steps. Both default to every 10th
+    step, the cadence of :class:`~stallguard.GradNormMonitor`, so that the two share one norm pass and
+    the default Guard pays for it on one step in ten; a NaN loss is seen on the step it happens.
+    Each source keeps, on the device, the first step it went bad (``torch.where`` on the step
+    number), and the gradients and parameters also keep which tensor. At a check point the host
+    reads those few numbers and, the first time anything is non-finite, emits one ``nonfinite``
+    event naming the origin: the earliest step, and within a step the earliest source in causal
+    order (inputs, parameters, loss, gradients), with the first layer in model order.
 
     Division of work with the other hooks: this hook reports the origin, once per run, and never
     changes training. :class:`~stallguard.GradNormMonitor` reports, per check interval, how many steps
@@ -42,9 +44,12 @@ class NonFinite(Hook):
     read the same shared gradient norms of the step.
 
     Args:
+        grad_every: Test the gradients every this many steps (0: never). A NaN gradient between two
+            tested steps is reported at the next tested step (the NaN loss or weights it causes are
+            usually seen first); 1 names the exact step and layer at the cost of a norm pass per step.
         param_every: Test the parameters every this many steps (0: never). A NaN written into a weight
-            between two tested steps is reported at the next tested step; the loss and gradients it
-            causes are seen at once.
+            between two tested steps is reported at the next tested step; the loss it causes is seen
+            at once.
         check_inputs: Test floating-point ``inputs`` given to ``observe`` (one pass over the batch).
         **kwargs: ``every``, ``start_step``, ``name`` (see :class:`~stallguard.Hook`).
 
@@ -63,9 +68,10 @@ class NonFinite(Hook):
         >>> guard.close()
     """
 
-    def __init__(self, param_every: int = 1, check_inputs: bool = True, **kwargs: Any) -> None:
+    def __init__(self, grad_every: int = 10, param_every: int = 10, check_inputs: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
+        self.grad_every = check_int(owner, "grad_every", grad_every, min=0)
         self.param_every = check_int(owner, "param_every", param_every, min=0)
         self.check_inputs = check_type(owner, "check_inputs", check_inputs, bool, "a bool")
         self.add_state("reported", False)
@@ -139,24 +145,32 @@ class NonFinite(Hook):
         if self._pending_step is not None and self._pending_step != step:
             self._flush(self._pending_step, self._pending)
         self._pending, self._pending_step = [None] * len(WHERE), None
-        norms = ctx.grad_norms()
-        if norms is not None:
-            idx = self._slots(norms.names, norms.per_tensor.device)
-            bad = ~torch.isfinite(norms.per_tensor)
-            row[_GRADS] = ~norms.finite
-            found = getattr(ctx.optimizer, "found_inf", None)
-            if isinstance(found, Tensor):
-                # A GradScaler overflow with a fused optimizer: the step is skipped on purpose, not a NaN bug.
-                ok = found.detach().to(bad.device).reshape(()) <= 0
-                bad, row[_GRADS] = bad & ok, row[_GRADS] & ok
-            if self.param_every and (step - self.start_step) % self.param_every == 0:
-                pbad = ~torch.isfinite(ctx.param_norms())
-                row[_PARAMS] = pbad.any()
-                bad = torch.stack([bad, pbad])
+        due = step - self.start_step
+        test_grads = bool(self.grad_every) and due % self.grad_every == 0
+        test_params = bool(self.param_every) and due % self.param_every == 0
+        norms = ctx.grad_norms() if test_grads else None
+        if norms is not None or test_params:
+            # Row 0: gradients, row 1: parameters, one column per tensor of the step (aligned names).
+            names = norms.names if norms is not None else ctx.grad_names
+            pbad = ~torch.isfinite(ctx.param_norms()) if test_params else None
+            if norms is not None:
+                gbad = ~torch.isfinite(norms.per_tensor)
+                row[_GRADS] = ~norms.finite
+                found = getattr(ctx.optimizer, "found_inf", None)
+                if isinstance(found, Tensor):
+                    # A GradScaler overflow with a fused optimizer: the step is skipped on purpose, not a NaN bug.
+                    ok = found.detach().to(gbad.device).reshape(()) <= 0
+                    gbad, row[_GRADS] = gbad & ok, row[_GRADS] & ok
             else:
-                bad = torch.stack([bad, torch.zeros_like(bad)])
-            when = torch.where(bad, self._offset(step), math.inf)
-            self.layer_first.scatter_reduce_(1, idx.expand(2, -1), when, "amin")
+                gbad = torch.zeros_like(pbad)
+            if pbad is not None:
+                row[_PARAMS] = pbad.any()
+            else:
+                pbad = torch.zeros_like(gbad)
+            if len(names):
+                idx = self._slots(names, gbad.device)
+                when = torch.where(torch.stack([gbad, pbad]), self._offset(step), math.inf)
+                self.layer_first.scatter_reduce_(1, idx.expand(2, -1), when, "amin")
         if any(f is not None for f in row):
             self._flush(step, row)
 
