@@ -134,3 +134,23 @@ def test_summary_counts_false_positives() -> None:
     )["stallguard"]
     got = (s["top1"], s["top3"], s["faulty"], s["false_positives"], s["healthy_warned"], s["median_latency"])
     assert got == (1, 2, 2, 0, 1, 65)
+
+
+def test_runner_writes_json_and_keeps_other_results_sections(tmp_path) -> None:
+    import json
+
+    from benchmarks.zoo.__main__ import main
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Overhead\n\nkept as it is\n")
+    out = tmp_path / "zoo.json"
+    args = ["--only", "zero_init_mlp", "--no-baselines", "--no-repair", "--json", str(out), "--results", str(results)]
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["results"]] == ["zero_init_mlp"]
+    assert data["summary"]["stallguard"]["faulty"] == 1
+    text = results.read_text()
+    assert "## Overhead\n\nkept as it is" in text and text.count("## Stall zoo") == 1
+    assert main(args) == 0  # a second run replaces the section instead of adding one
+    text = results.read_text()
+    assert text.count("## Stall zoo") == 1 and "kept as it is" in text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -144,7 +144,6 @@ def run_scenario(
     seed: int = 0,
     baselines: bool = True,
     repair: bool = True,
-    log: Callable[[str], None] = print,
 ) -> Result:
     """Validity, the guarded run, the baselines on a traced unguarded run, and the repaired run."""
     v = check_validity(scenario, seed)
