@@ -153,6 +153,17 @@ def repair_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def scenario_info_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
+    from .scenarios import SCENARIOS
+
+    header = ["scenario", "true cause", "what it is", "fault check (unguarded run vs fixed twin)"]
+    rows = []
+    for r in results:
+        s = SCENARIOS.get(r.name)
+        rows.append([r.name, r.cause, s.summary if s is not None else "-", r.validity])
+    return header, rows
+
+
 def events_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
     header = ["scenario", "true cause", "stallguard ranking", "events at info or worse (kind@first step, count)"]
     rows = []
@@ -188,15 +199,21 @@ def markdown(
         "(any kind) step minus the scenario's fault-onset step, median over detected faulty runs. "
         "stallguard runs with its defaults (`check_every=50`), so its warnings fall on multiples of 50.",
         "",
-        "### Per scenario",
-        "",
-        md_table(*scenario_rows(results, detectors)),
-        "",
     ]
+    sg_sum = summary.get("stallguard", {})
+    if sg_sum.get("median_cause_latency") is not None:
+        parts += [
+            f"Latency to the first stallguard warning whose own event names the true cause: median "
+            f"{sg_sum['median_cause_latency']:g} steps after onset, over the {sg_sum['cause_named_by_event']} "
+            f"faulty runs that have one (plateau and divergence events name no cause).",
+            "",
+        ]
+    parts += ["### Per scenario", "", md_table(*scenario_rows(results, detectors)), ""]
     rep = repair_rows(results)
     if rep[1]:
         parts += ["### Repair", "", md_table(*rep), ""]
     parts += ["### Events stallguard saw", "", md_table(*events_rows(results)), ""]
+    parts += ["### Scenarios and their fault checks", "", md_table(*scenario_info_rows(results)), ""]
     parts += ["### Baseline mapping (alarm -> cause)", ""]
     for name, mapping in MAPPING.items():
         parts.append(f"- **{name}**: " + "; ".join(f"{k} -> `{v}`" for k, v in mapping.items()))

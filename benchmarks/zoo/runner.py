@@ -109,6 +109,7 @@ class Detector:
     first_warning: int | None
     rank: int | None  # 1-based rank of the true cause, None when absent
     latency: int | None  # first warning step minus onset
+    cause_latency: int | None = None  # first warning that names the true cause, minus onset
 
 
 @dataclass
@@ -164,6 +165,10 @@ def run_scenario(
         v.twin.final_loss if v.twin is not None else None,
     )
     res.detectors["stallguard"] = _detector([d.cause for d in diag], first, scenario.cause, v.onset)
+    # The first warning whose own causes include the true one (a plateau names no cause; update_ratio_low does).
+    named = [e.step for e in warnings if scenario.cause in (e.causes or ())]
+    if named and scenario.cause != "healthy":
+        res.detectors["stallguard"].cause_latency = min(named) - v.onset
     res.events = _event_summary(guard.events, sg.Severity.INFO)
     if baselines:
         _, tracer = run_once(scenario, seed=seed, tracer=True)
@@ -219,6 +224,7 @@ def summarize(results: list[Result], detectors: Iterable[str]) -> dict[str, dict
         fp = sum(1 for d in hs if d.ranked)
         warned = sum(1 for d in hs if d.first_warning is not None)
         lats = [d.latency for _, d in ds if d.latency is not None]
+        cause_lats = [d.cause_latency for _, d in ds if d.cause_latency is not None]
         out[name] = {
             "faulty": len(ds),
             "top1": top1,
@@ -230,6 +236,8 @@ def summarize(results: list[Result], detectors: Iterable[str]) -> dict[str, dict
             "healthy_warned": warned,
             "detected": len(lats),
             "median_latency": statistics.median(lats) if lats else None,
+            "median_cause_latency": statistics.median(cause_lats) if cause_lats else None,
+            "cause_named_by_event": len(cause_lats),
         }
     return out
 
