@@ -47,7 +47,7 @@ def _top(r: Result, det: str) -> str:
 
 
 def scenario_rows(results: list[Result], detectors: list[str]) -> tuple[list[str], list[list[str]]]:
-    header = ["scenario", "arch", "true cause", "valid", "stallguard top", "rank", "1st warn", "onset", "time s"]
+    header = ["scenario", "arch", "true cause", "valid", "stallguard top", "rank", "1st warn", "onset", "guarded run s"]
     header += [f"{d} (top/rank)" for d in detectors if d != "stallguard"]
     rows = []
     for r in results:
