@@ -132,8 +132,10 @@ def repair_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
             ratio = f"{b / a:.3g}"
             met = finite and b <= 0.5 * a
         else:
-            ratio = "unguarded non-finite"
-            met = finite
+            # Half of NaN is undefined: a repair must then end finite and at most half the initial loss.
+            init = r.repair.get("initial", float("nan"))
+            ratio = f"unguarded non-finite; {b / init:.3g} of the initial loss"
+            met = finite and b <= 0.5 * init
         ta, tb = r.repair["seconds_plain"], r.repair["seconds_repaired"]
         rows.append(
             [

@@ -180,6 +180,7 @@ def run_scenario(
         again, _ = run_once(scenario, seed=seed, guard="repair")
         plain_again, _ = run_once(scenario, seed=seed)
         res.repair = {
+            "initial": v.plain.initial["loss"],
             "final_plain": v.plain.final_loss,
             "final_repaired": rep.final_loss,
             "seconds_plain": min(v.plain.seconds, plain_again.seconds),
