@@ -114,6 +114,43 @@ class Series:
         return f"Series({self.name!r}, n={len(self)})"
 
 
+class _Pending:
+    """The values of one observed stream since the last check point, in a reused device buffer.
+
+    Each value is copied into the next slot of a float64 tensor on the values' device (one small
+    device op, no host read). Keeping the value tensors themselves would pin one small allocation per
+    step between the step's large temporaries, which keeps the allocator from returning freed memory:
+    measured +60 MiB peak RSS over a 50-step interval of a small transformer on CPU.
+    """
+
+    __slots__ = ("buf", "n", "steps")
+
+    def __init__(self, device: torch.device, capacity: int) -> None:
+        self.buf = torch.empty(max(capacity, 1), dtype=torch.float64, device=device)
+        self.n = 0
+        self.steps: list[int] = []
+
+    def add(self, step: int, value: Tensor | float) -> None:
+        if self.n == self.buf.numel():  # more values than steps (accumulation): grow, rarely
+            bigger = self.buf.new_empty(2 * self.n)
+            bigger[: self.n].copy_(self.buf)
+            self.buf = bigger
+        slot = self.buf[self.n]
+        if isinstance(value, Tensor):
+            slot.copy_(value.detach(), non_blocking=value.device == self.buf.device)
+        else:
+            slot.fill_(value)
+        self.n += 1
+        self.steps.append(step)
+
+    def values(self) -> Tensor:
+        return self.buf[: self.n]
+
+    def take_steps(self) -> list[int]:
+        steps, self.steps, self.n = self.steps, [], 0
+        return steps
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module whose parameters and submodules the hooks should see."""
     m = model
@@ -226,7 +263,7 @@ class Guard:
         self._epoch: int | None = None
         self._events: collections.deque[Event] = collections.deque(maxlen=self.max_events)
         self._series: dict[str, Series] = {}
-        self._pending: dict[str, list[tuple[int, Tensor | float]]] = {}
+        self._pending: dict[str, _Pending] = {}
         self._observe_count = 0
         self._last_check_step = 0
         self._stop_reasons: list[str] = []
@@ -584,13 +621,18 @@ class Guard:
             self.epoch = epoch
         step = self.step
         if loss is not None:
-            self._pending.setdefault("loss", []).append((step, loss))
+            self._stream("loss", loss).add(step, loss)
             if self._distributed.multi:
                 # Kept on the device: it names the rank a NaN came from when the step's flags are agreed.
                 bad = ~torch.isfinite(torch.as_tensor(loss, device=self.device))
                 self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
         for key, value in metrics.items():
-            self._pending.setdefault(key, []).append((step, value))
+            self._stream(key, value).add(step, value)
+        index = self._observe_count
+        self._observe_count += 1
+        due = [h for h in self._by_method["on_observe"] if h.enabled and h.is_due(step)]
+        if not due:
+            return
         obs = Observation(
             step=step,
             loss=loss,
@@ -598,12 +640,10 @@ class Guard:
             outputs=outputs,
             targets=targets,
             metrics=dict(metrics),
-            index=self._observe_count,
+            index=index,
         )
-        self._observe_count += 1
-        for h in self._by_method["on_observe"]:
-            if h.enabled and h.is_due(step):
-                self._call(h, "on_observe", obs)
+        for h in due:
+            self._call(h, "on_observe", obs)
 
     @staticmethod
     def _check_scalar(name: str, value: Any) -> Tensor | float | None:
@@ -617,7 +657,8 @@ class Guard:
                 )
             if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
                 raise TypeError(f"Guard.observe: {name} must be a real number, got a {value.dtype} tensor")
-            return value.detach().reshape(())
+            value = value.detach()
+            return value if value.dim() == 0 else value.reshape(())
         if _is_scalar_number(value):
             return float(value)
         if type(value).__module__ == "numpy" and getattr(value, "size", 0) == 1:
@@ -626,6 +667,11 @@ class Guard:
 
     @staticmethod
     def _check_batch(**batch: Any) -> None:
+        if all(v is None or (isinstance(v, Tensor) and v.dim() > 0) for v in batch.values()):
+            # The common case: tensors with a batch dimension; compare their lengths without building dicts.
+            lengths = {v.shape[0] for v in batch.values() if v is not None}
+            if len(lengths) <= 1:
+                return
         sizes = {}
         for key, value in batch.items():
             if value is None:
@@ -681,18 +727,24 @@ class Guard:
     def _before(self, index: int) -> None:
         if self._closed:
             return
+        step = self.step + 1
+        # The context (and its parameter lists) is built only on steps where some hook is due.
+        due = [h for h in self._by_method["on_before_step"] if h.enabled and h.is_due(step)]
+        if not due:
+            return
         ctx = self._contexts[index] = self._context(index)
-        step = ctx.step
-        for h in self._by_method["on_before_step"]:
-            if h.enabled and h.is_due(step):
-                self._call(h, "on_before_step", ctx)
+        for h in due:
+            self._call(h, "on_before_step", ctx)
 
     def _after(self, index: int) -> None:
         if self._closed:
             return
-        ctx = self._contexts.pop(index, None) or self._context(index)
-        for h in self._by_method["on_after_step"]:
-            if h.enabled and h.is_due(ctx.step):
+        step = self.step + 1
+        ctx = self._contexts.pop(index, None)
+        due = [h for h in self._by_method["on_after_step"] if h.enabled and h.is_due(step)]
+        if due:
+            ctx = ctx or self._context(index)
+            for h in due:
                 self._call(h, "on_after_step", ctx)
         if self.optimizers:
             self.optimizer_steps[index] += 1
@@ -739,12 +791,13 @@ class Guard:
                 t: Tensor = getattr(h, name)
                 layout.append(("hook", h, name, how, tuple(t.shape)))
                 parts[_BUCKET[how]].append(pack_value(t.to(self.device), how))
-        pending, self._pending = self._pending, {}
-        for key in sorted(pending):
-            entries = pending[key]
-            values = [v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float64) for _, v in entries]
-            layout.append(("series", key, "mean", "mean", (len(values),)))
-            parts["sum"].append(torch.stack([v.to(self.device, torch.float64) for v in values]))
+        pending: dict[str, list[int]] = {}
+        for key in sorted(self._pending):  # sorted: the same layout on every rank
+            stream = self._pending[key]
+            if stream.n:
+                layout.append(("series", key, "mean", "mean", (stream.n,)))
+                parts["sum"].append(stream.values().to(self.device))
+                pending[key] = stream.take_steps()  # the buffer is read by the cat below, before any new add
         if dctx.multi:
             # Which hooks failed on each rank (and were disabled there): one column per rank.
             failed = [0.0 if h.enabled or id(h) in self._disabled_elsewhere else 1.0 for h in self.hooks]
@@ -793,7 +846,7 @@ class Guard:
                 arr = arr.reshape(shape) if bucket != "gather" else arr
                 values_by_hook[id(owner)][name] = arr.item() if arr.ndim == 0 else arr
             elif owner_kind == "series":
-                self._commit_series(owner, [s for s, _ in pending[owner]], arr.astype(np.float64))
+                self._commit_series(owner, pending[owner], arr.astype(np.float64))
             elif owner_kind == "disabled":
                 self._disable_where_disabled_elsewhere(arr.reshape(shape))
             elif owner_kind == "news":
@@ -904,6 +957,13 @@ class Guard:
                 )
             )
 
+    def _stream(self, key: str, first: Tensor | float) -> _Pending:
+        stream = self._pending.get(key)
+        if stream is None:
+            device = first.device if isinstance(first, Tensor) else self.device
+            stream = self._pending[key] = _Pending(device, self.check_every)
+        return stream
+
     def _commit_series(self, name: str, steps: list[int], values: np.ndarray) -> None:
         series = self._series.get(name)
         if series is None:
@@ -913,7 +973,7 @@ class Guard:
             j = i
             while j + 1 < len(steps) and steps[j + 1] == steps[i]:
                 j += 1
-            series._append(steps[i], float(values[i : j + 1].mean()))
+            series._append(steps[i], float(values[i]) if j == i else float(values[i : j + 1].mean()))
             i = j + 1
 
     # ----------------------------------------------------------------- events
@@ -1037,8 +1097,9 @@ class Guard:
         point are read to the host here.
         """
         pending = {
-            key: [[s, float(v) if isinstance(v, Tensor) else v] for s, v in entries]
-            for key, entries in self._pending.items()
+            key: [[s, v] for s, v in zip(stream.steps, stream.values().tolist())]
+            for key, stream in self._pending.items()
+            if stream.n
         }
         return {
             "version": 1,
@@ -1088,7 +1149,10 @@ class Guard:
             for st, v in zip(s["steps"], s["values"]):
                 series._append(int(st), float(v))
             series.total = int(s.get("total", series.total))
-        self._pending = {key: [(int(s), float(v)) for s, v in entries] for key, entries in state["pending"].items()}
+        self._pending = {}
+        for key, entries in state["pending"].items():
+            for st, v in entries:
+                self._stream(key, float(v)).add(int(st), float(v))
         self._events = collections.deque((Event.from_dict(e) for e in state["events"]), maxlen=self.max_events)
         for h in self.hooks:
             if h.name in saved:
@@ -1110,7 +1174,7 @@ class Guard:
                     self._check(final=True, timeout=self.close_timeout)
                 except SyncTimeoutError as exc:
                     _log.warning("%s; the final check point is skipped on this rank", exc)
-            elif self.step > self._last_check_step or self._pending:
+            elif self.step > self._last_check_step or any(stream.n for stream in self._pending.values()):
                 self.check(final=True)
             for h in self._by_method["on_close"]:
                 if h.enabled:

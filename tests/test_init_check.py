@@ -123,13 +123,16 @@ def test_lazy_module_is_checked_at_the_first_step() -> None:
     out = model(torch.randn(4, 3))
     out.sum().backward()
     opt.step()
+    assert kinds(guard, "bad_init") == []  # measured on the device at the step, read at the check point
+    guard.check()
     events = kinds(guard, "bad_init")
     assert [(e.data["stage"], e.data["layers"], e.data["problems"]) for e in events] == [
         ("training", ("0.weight",), ("all_zero",))
     ]
-    # Reported once: later steps read nothing.
+    # Reported once: later steps measure nothing.
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
+    guard.check()
     assert len(kinds(guard, "bad_init")) == 1
     guard.close()
 

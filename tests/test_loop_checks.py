@@ -383,10 +383,10 @@ def test_repair_mode_skips_once_and_reports_each_role_once() -> None:
     model = TwoLayer()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     guard = sg.Guard(model, opt, sinks=[], check_every=5, strict=True, repair=True)
-    for s in range(10):
+    for s in range(12):
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
-        if s == 3:
+        if s == 9:  # optimizer step 10: one the sampled monitors look at (every 10th)
             loss = loss * math.inf
         loss.backward()
         guard.observe(loss)

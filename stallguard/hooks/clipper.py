@@ -196,6 +196,7 @@ class GradientClipper(Hook):
             finite = ~self.guard.agree_nonfinite(~finite)  # type: ignore[union-attr]
         bad = ~finite if scaler_skip is None else ~finite & ~scaler_skip
         fused = bool(getattr(opt, "_step_supports_amp_scaling", False))
+        zero_bad = False
 
         if self.nonfinite == "raise" or (self.nonfinite == "skip" and self.sync and not fused):
             if bool(bad):  # the one host read per step these policies pay for
@@ -214,8 +215,7 @@ class GradientClipper(Hook):
                 opt.found_inf = flag  # type: ignore[union-attr]
                 self._restore[i] = (opt, flag, isinstance(prev, Tensor), prev)
             else:
-                for g in grads:  # no foreach op removes NaN: one pass per tensor
-                    g.masked_fill_(bad, 0.0)
+                zero_bad = True  # zeroed below, folded into the clip multiply
         elif self.nonfinite == "zero":
             for g in grads:
                 g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -226,13 +226,22 @@ class GradientClipper(Hook):
         total = norms.total
         ok = finite if scaler_skip is None else finite & ~scaler_skip
         if self.mode == "value":
+            if zero_bad:
+                _mul_grouped(grads, torch.where(bad, 0.0, 1.0))
+                _clear_nonfinite(grads)
             post, clipped = self._clip_value(grads, opt, total)
         else:
             coef, threshold = self._coefficient(i, total, ok)
             if self.nonfinite == "skip":
-                # Leave a skipped step's gradients as they are (zeroed, or skipped in-kernel).
+                # Leave a skipped step's gradients as they are (skipped in-kernel), or zero them: a
+                # factor 0 zeroes the finite entries in the clip multiply itself, and one nan_to_num_
+                # pass clears the rest (masked_fill_ with a 0-d mask is ~6x slower on CPU).
                 coef = torch.where(finite, coef, 1.0)
+                if zero_bad:
+                    coef = torch.where(bad, 0.0, coef)
             _mul_grouped(grads, coef)
+            if zero_bad:
+                _clear_nonfinite(grads)
             post, clipped = total * coef, total > threshold
         self._record(i, ctx.optimizer_step, bad, ok, total, post, clipped)
 
@@ -403,6 +412,12 @@ def _mul_grouped(grads: list[Tensor], coef: Tensor) -> None:
             scaled = coef.to(device)
             for g in group:
                 g.mul_(scaled)
+
+
+def _clear_nonfinite(grads: list[Tensor]) -> None:
+    """Set NaN and Inf entries to zero; on a step whose gradients were multiplied by 0, that zeroes them all."""
+    for g in grads:  # no foreach op clears NaN: one pass per tensor
+        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _nan_quantile(values: Tensor, q: float, min_count: int) -> Tensor:

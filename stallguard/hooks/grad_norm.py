@@ -34,7 +34,7 @@ class _Layout:
     last: int | None  # position of the last kernel
 
 
-@register("grad_norm", default="monitor")
+@register("grad_norm", default="monitor", every=10)
 class GradNormMonitor(Hook):
     """Watch global and per-layer gradient norms for vanishing, exploding and non-finite gradients.
 

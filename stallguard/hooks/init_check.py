@@ -12,7 +12,7 @@ from .._modules import WeightLayer, weight_layers
 from .._validate import check_float
 from ..hook import Hook
 from ..registry import register
-from ..stats import StepContext
+from ..stats import CheckContext, StepContext
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -81,6 +81,7 @@ class InitCheck(Hook):
         self.add_state("reported", [])  # [weight name, problem] pairs already reported
         self.add_state("first_step_checked", False)
         self.add_state("findings", {})  # weight name -> its numbers, from the last check
+        self._measured: tuple[list[WeightLayer], Tensor] | None = None  # first step's numbers, on the device
 
     # ----------------------------------------------------------------- lifecycle
     def on_attach(self, guard: Guard) -> None:
@@ -91,8 +92,15 @@ class InitCheck(Hook):
             return
         self.first_step_checked = True
         # Once per run: lazy modules are initialized by now, and weights may have been re-initialized.
-        self._check_weights("training")
+        # The numbers stay on the device until the next check point reads them.
+        self._measured = self._measure()
 
+    def on_check(self, check: CheckContext) -> None:
+        measured, self._measured = self._measured, None
+        if measured is not None:
+            self._judge(*measured, stage="training")
+
+    # ----------------------------------------------------------------- config
     # ----------------------------------------------------------------- config
     def get_config(self) -> dict[str, Any]:
         # Only this hook's own arguments: it takes no cadence arguments from the base class.
@@ -101,12 +109,21 @@ class InitCheck(Hook):
 
     # ----------------------------------------------------------------- internals
     def _check_weights(self, stage: str) -> None:
+        measured = self._measure()
+        if measured is not None:
+            self._judge(*measured, stage=stage)
+
+    def _measure(self) -> tuple[list[WeightLayer], Tensor] | None:
+        """Every weight layer's numbers, as one device tensor (no host read)."""
         guard = self._require_guard("check")
         layers = weight_layers(guard.module)
         if not layers:
-            return
+            return None
         with torch.no_grad():
-            stats = torch.stack([_stats(layer.weight).to(guard.device) for layer in layers]).cpu().tolist()
+            return layers, torch.stack([_stats(layer.weight).to(guard.device) for layer in layers])
+
+    def _judge(self, layers: list[WeightLayer], measured: Tensor, *, stage: str) -> None:
+        stats = measured.cpu().tolist()
         per_layer: dict[str, list[str]] = {}
         details: dict[str, dict[str, Any]] = {}
         for layer, (max_abs, spread, std, distinct, rows) in zip(layers, stats):
@@ -193,7 +210,7 @@ def _stats(w: Tensor) -> Tensor:
     direction = torch.rand(rows.shape[1], generator=g, dtype=torch.float64).add_(0.5).to(rows.device)
     h = (rows * direction).sum(1).sort().values
     distinct = 1 + (h[1:] != h[:-1]).sum() if h.numel() > 1 else torch.ones((), dtype=torch.long, device=h.device)
-    std = flat.std(unbiased=False) if flat.numel() > 1 else flat.new_zeros(())
+    std = (flat - flat.mean()).square().mean().sqrt()  # Tensor.std reads a scalar to the host on CPU
     return torch.stack(
         [
             flat.abs().max(),

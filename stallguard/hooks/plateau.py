@@ -48,6 +48,14 @@ def _rank_z(current: np.ndarray, reference_sorted: np.ndarray) -> float:
     return (lower - mean) / sd
 
 
+def _median(values: Sequence[float]) -> float:
+    """``float(np.median(values))`` for a short list of finite floats, without numpy's per-call cost."""
+    s = sorted(values)
+    n = len(s)
+    mid = n // 2
+    return float(s[mid]) if n % 2 else (s[mid - 1] + s[mid]) / 2.0
+
+
 def _max_rank_z(window: int) -> float:
     """The largest z :func:`_rank_z` can give for two windows of this size (all of one below the other)."""
     return (window * window / 2.0) / math.sqrt(window * window * (2 * window + 1) / 12.0)
@@ -423,7 +431,7 @@ class PlateauDetector(Hook):
     def _level_or_none(self) -> float | None:
         if len(self.recent) < self.window:
             return None
-        return float(np.median(self.recent[-self.window :]))
+        return _median(self.recent[-self.window :])
 
     def _better(self, a: float, best: float) -> bool:
         # ReduceLROnPlateau's improvement test, term for term.
@@ -448,15 +456,17 @@ class PlateauDetector(Hook):
 
     def _observe_window(self, step: int) -> list[Finding]:
         out: list[Finding] = []
-        win = np.asarray(self.recent[-self.window :])
-        level = float(np.median(win))
+        win = self.recent[-self.window :]
+        level = _median(win)
         if self.converged and not self._is_converged(level):
             self.converged = False  # back above the floor: a later flat stretch is a plateau again
         if self.best is None:
             self._set_best(level, win, step)
             return out
         improved = self._better(level, self.best) and (
-            self.window == 1 or self.noise_z == 0 or _rank_z(self._sign() * win, self._sign_sorted()) >= self.noise_z
+            self.window == 1
+            or self.noise_z == 0
+            or _rank_z(self._sign() * np.asarray(win), self._sign_sorted()) >= self.noise_z
         )
         # Divergence: the level far worse than the best window (non-finite values are counted in update()).
         bound = self._divergence_bound(self.best)
@@ -511,8 +521,13 @@ class PlateauDetector(Hook):
         return 1.0 if self.mode == "min" else -1.0
 
     def _sign_sorted(self) -> np.ndarray:
-        ref = self._sign() * np.asarray(self.best_window, dtype=np.float64)
-        return np.sort(ref)
+        # Cached until the best window changes: the rank test runs on most observations.
+        cached = getattr(self, "_sorted_cache", None)
+        if cached is not None and cached[0] is self.best_window:
+            return cached[1]
+        ref = np.sort(self._sign() * np.asarray(self.best_window, dtype=np.float64))
+        self._sorted_cache = (self.best_window, ref)
+        return ref
 
     def _is_converged(self, level: float) -> bool:
         start = self._start()
@@ -527,9 +542,9 @@ class PlateauDetector(Hook):
         progress = min(max(1.0 - level / start, 0.0), 1.0) if start > 0 else 0.0
         return math.ceil(self.patience * (1.0 + self.patience_growth * progress))
 
-    def _set_best(self, level: float, win: np.ndarray, step: int) -> None:
+    def _set_best(self, level: float, win: list[float], step: int) -> None:
         self.best = level
-        self.best_window = sorted(win.tolist())
+        self.best_window = sorted(win)
         self.best_step = step
         self.best_obs = self.observations
         self.num_bad = 0
