@@ -14,6 +14,8 @@ combines symptoms into causes with a small set of explicit rules, one per cause,
   saturation, small updates) count only once the loss has also stalled or diverged: AutoTrainer's lesson.
 * Where one cause explains another's symptom, the root cause ranks first (an early loss spike with huge
   updates before the dead units: ``lr_too_high`` before ``dying_relu``).
+* A stall the loss has recovered from, or a loss at chance the run has since left behind, is history,
+  not evidence.
 
 A healthy run gives an empty list.
 """
@@ -88,6 +90,32 @@ class _Facts:
         self.by_kind: dict[str, list[Event]] = {}
         for e in self.events:
             self.by_kind.setdefault(e.kind, []).append(e)
+        self._drop_left_chance()
+
+    def _recent_loss(self) -> float:
+        """The median of the last 50 observed losses, when the Guard is at hand (NaN otherwise)."""
+        if self.guard is None or not self.guard.has_series("loss"):
+            return math.nan
+        recent = [v for v in self.guard.series("loss").last(50) if math.isfinite(v)]
+        return float(sorted(recent)[len(recent) // 2]) if recent else math.nan
+
+    def _drop_left_chance(self) -> None:
+        """Forget ``loss_at_chance`` reports that the run has since left behind.
+
+        A model that sat at the chance level for a while and then learned (a slow start) is not stuck:
+        when the recent losses lie clearly below the chance level the event quoted (twice its margin),
+        the report is history, not evidence.
+        """
+        reports = self.by_kind.get("loss_at_chance")
+        recent = self._recent_loss()
+        if not reports or math.isnan(recent):
+            return
+        kept = []
+        for e in reports:
+            chance, margin = _num(e.data.get("chance")), _num(e.data.get("margin"), 0.05)
+            if not (math.isfinite(chance) and recent < (1.0 - 2.0 * margin) * chance):
+                kept.append(e)
+        self.by_kind["loss_at_chance"] = kept
 
     def all(self, *kinds: str) -> list[Event]:
         """Every event of these kinds, in time order."""
@@ -103,12 +131,38 @@ class _Facts:
 
     @property
     def stall(self) -> Event | None:
-        """The first sign that the loss stopped improving or went wrong, if any."""
-        return self.first("plateau", "divergence", "loss_at_chance", "nonfinite")
+        """The first sign that the loss stopped improving or went wrong and has not recovered since, if any.
+
+        NaN always counts. A plateau or divergence counts unless PlateauDetector reported ``recovered``
+        after it and nothing stalled again after that: a run whose loss improves again is not stalled.
+        """
+        nonfinite = self.first("nonfinite")
+        recovered = self.all("recovered")
+        since = recovered[-1].step if recovered else -1
+        current = [e for e in self.all("plateau", "divergence", "loss_at_chance") if e.step >= since]
+        if recovered and not current:
+            return nonfinite
+        found = [e for e in (self.first("plateau", "divergence", "loss_at_chance"), nonfinite) if e is not None]
+        return min(found, key=lambda e: e.step) if found else None
 
     @property
     def stalled(self) -> bool:
         return self.stall is not None
+
+    @property
+    def calm_explosion(self) -> Event | None:
+        """The first ``exploding_gradients`` that grew out of a calm stretch, if the gradients exploded so.
+
+        GradNormMonitor's growth rule compares an interval with a baseline of earlier, normal gradient
+        norms; when no divergence or oscillation came before it, the loss was fine until the gradients
+        blew up, and the loss trouble that follows is the explosion's doing, not the learning rate's.
+        """
+        explode = next((e for e in self.all("exploding_gradients") if "growth" in (e.data.get("rules") or ())), None)
+        if explode is None:
+            return None
+        if any(e.step < explode.step for e in self.all("divergence", "oscillation")):
+            return None
+        return explode
 
     def learning_rates(self) -> list[float]:
         """The current learning rate of every param group of the Guard's optimizers."""
@@ -132,6 +186,8 @@ class _Finding:
     events: list[Event]
     advice: str
     notes: list[str] = field(default_factory=list)
+    after_blowup: bool = False  # non_finite: the NaN followed diverging loss, updates or gradients
+    onset: int | None = None  # the first step of the finding's own evidence, where the rule knows it
 
 
 def _cite(e: Event) -> str:
@@ -170,6 +226,30 @@ def _conf(e: Event, default: float) -> float:
     return e.confidence if e.confidence is not None else default
 
 
+def _onset(e: Event) -> int:
+    """The first step an event's evidence covers: its ``first_step``, its first sampled step, or its step."""
+    first = e.data.get("first_step")
+    if isinstance(first, int) and not isinstance(first, bool):
+        return first
+    steps = e.data.get("steps")
+    if isinstance(steps, (tuple, list)) and steps and all(isinstance(s, int) for s in steps):
+        return min(steps)
+    return e.step
+
+
+def _frozen_by_underflow(e: Event) -> bool:
+    """A ``weights_frozen`` whose updates round away in low precision: a step size problem, not a loop bug."""
+    return e.data.get("reason") == "update_underflow" or (
+        "lr_too_low" in e.causes and "params_not_updated" not in e.causes
+    )
+
+
+def _finite_ratio(e: Event) -> bool:
+    """False for an update-ratio event whose ratio is NaN/Inf: it measures NaN weights, not the step size."""
+    ratio = _num(e.data.get("median_ratio", e.data.get("ratio", 0.0)), 0.0)
+    return math.isfinite(ratio)
+
+
 # ---------------------------------------------------------------------------------------------- rules
 # Each rule looks at the facts and returns at most one finding for its cause.
 Rule = Callable[[_Facts], "_Finding | None"]
@@ -199,6 +279,13 @@ def _missing_zero_grad(f: _Facts) -> _Finding | None:
 def _params_not_updated(f: _Facts) -> _Finding | None:
     kinds = ("optimizer_params_not_in_model", "params_not_in_optimizer", "grads_missing", "weights_frozen")
     evs = [e for e in f.all(*kinds) if e.severity >= Severity.WARNING]
+    # Frozen weights that the emitter puts down to updates below the float resolution are lr_too_low's.
+    evs = [e for e in evs if not (e.kind == "weights_frozen" and _frozen_by_underflow(e))]
+    # Weights that stop moving once the loss has converged are done, not stuck: weights measured not to
+    # move count only while the loss stalls or goes wrong. Direct findings (a group with lr=0, the
+    # construction bugs) count whatever the loss does.
+    if not f.stalled:
+        evs = [e for e in evs if e.kind != "weights_frozen" or e.data.get("reason") == "lr_zero"]
     if not evs:
         return None
     advice = {
@@ -228,27 +315,37 @@ def _non_finite(f: _Facts) -> _Finding | None:
     if not evs:
         return None
     first = evs[0]
-    where = str(first.data.get("where", "inputs" if first.kind == "nonfinite_inputs" else ""))
-    # NaN after the loss or the updates had already blown up is the end of another story.
-    earlier = [
-        e
-        for e in f.all("update_ratio_high", "exploding_gradients", "oscillation")
-        + [d for d in f.all("divergence") if d.data.get("reason") in ("explosion", "rise")]
-        if e.step < first.step
-    ]
-    confidence = 0.9 if not earlier else 0.45
+    # NonFinite names where the first NaN/Inf appeared; InputStats reports NaN in the inputs directly.
+    located = next((e for e in evs if e.kind == "nonfinite"), None)
+    where = str(located.data.get("where", "")) if located is not None else ""
+    if not where and f.has("nonfinite_inputs"):
+        where = "inputs"
+    nan_onset = min(_onset(e) for e in evs)
+    # NaN after the loss or the updates had already blown up is the end of another story. The check
+    # point that first reports the NaN counts: its exploding norms and loss values are the finite ones,
+    # and weights that turned NaN stay NaN, so they came before it.
+    # (PlateauDetector reports one divergence per check point, so a loss explosion in the NaN's own
+    # interval is reported as the NaN: only an earlier check point's explosion shows.)
+    earlier = [e for e in f.all("exploding_gradients", "oscillation") if e.step <= first.step]
+    earlier += [d for d in f.all("divergence") if d.data.get("reason") in ("explosion", "rise") and d.step < first.step]
+    earlier += [e for e in f.all("update_ratio_high") if _finite_ratio(e) and _onset(e) < nan_onset]
+    earlier.sort(key=lambda e: e.step)
     if where == "inputs":
         advice = (
             "The inputs hold NaN/Inf: clean or impute them in the data pipeline "
             "(check the files, the scaling, any division)."
         )
         confidence = 0.95
+        earlier = []  # NaN in the data is a data bug whatever the updates did
     else:
         advice = (
             "Find the operation that makes NaN/Inf: use F.cross_entropy / log_softmax instead of log(softmax), "
             "add an eps to divisions and logs, clamp exponents; run with repair=True to skip such steps meanwhile."
         )
+        confidence = 0.9 if not earlier else 0.45
     finding = _Finding("non_finite", confidence, evs, advice)
+    finding.after_blowup = bool(earlier)
+    finding.onset = nan_onset
     if earlier:
         finding.notes.append(f"the loss or the updates were already blowing up before (step {earlier[0].step})")
     return finding
@@ -256,10 +353,14 @@ def _non_finite(f: _Facts) -> _Finding | None:
 
 @_rule
 def _lr_too_high(f: _Facts) -> _Finding | None:
-    high = f.all("update_ratio_high")
+    high = [e for e in f.all("update_ratio_high") if _finite_ratio(e)]
     div = [e for e in f.all("divergence") if e.data.get("reason") in ("explosion", "rise")]
     osc = f.all("oscillation")
     nonfinite_div = [e for e in f.all("divergence") if e.data.get("reason") == "non_finite"]
+    calm = f.calm_explosion
+    if calm is not None:
+        # The loss was fine until the gradients exploded: what went wrong from then on is the explosion's.
+        div, osc, nonfinite_div = [], [], []
     evs = high + div + osc
     if not evs:
         return None
@@ -284,7 +385,9 @@ def _lr_too_high(f: _Facts) -> _Finding | None:
 
 @_rule
 def _lr_too_low(f: _Facts) -> _Finding | None:
-    low = f.all("update_ratio_low")
+    low = [e for e in f.all("update_ratio_low") if _finite_ratio(e)]
+    low += [e for e in f.all("weights_frozen") if _frozen_by_underflow(e)]
+    low.sort(key=lambda e: e.step)
     if not low:
         return None
     stall = f.first("plateau", "loss_at_chance")
@@ -375,12 +478,13 @@ def _class_imbalance(f: _Facts) -> _Finding | None:
     imb = f.all("class_imbalance")
     if not imb:
         return None
-    collapsed = f.all("predictions_collapsed")
+    # TargetStats names class_imbalance as the cause of a collapse or a loss at chance on imbalanced labels.
+    collapsed = [e for e in f.all("predictions_collapsed", "loss_at_chance") if "no_signal" not in e.causes]
     if not collapsed and not f.stalled:
         return None  # imbalanced data that is being learned fine is not a failure
     return _Finding(
         "class_imbalance",
-        _combine(*(_conf(e, 0.6) for e in imb), *(_conf(e, 0.6) for e in collapsed)),
+        _combine(*(_conf(e, 0.6) for e in imb), *(_conf(e, 0.6) for e in collapsed[:2])),
         sorted(imb + collapsed, key=lambda e: e.step),
         "Reweight the loss (CrossEntropyLoss(weight=...) with inverse class frequencies) or resample with a "
         "WeightedRandomSampler, and judge the model by per-class recall or F1 rather than accuracy.",
@@ -446,9 +550,9 @@ def _exploding(f: _Facts) -> _Finding | None:
     if blew_up is None:
         return None
     confidence = _combine(*(_conf(e, 0.7) for e in evs[:2]), 0.4)
-    high = f.first("update_ratio_high")
-    if high is not None and high.step < evs[0].step:
-        confidence *= 0.7  # big updates came first: the learning rate is the better explanation
+    high = next((e for e in f.all("update_ratio_high") if _finite_ratio(e)), None)
+    if high is not None and high.step < evs[0].step and f.calm_explosion is None:
+        confidence *= 0.7  # big updates came first and trouble followed: the learning rate explains more
     return _Finding(
         "exploding_gradients",
         confidence,
@@ -461,7 +565,8 @@ def _exploding(f: _Facts) -> _Finding | None:
 
 @_rule
 def _no_signal(f: _Facts) -> _Finding | None:
-    chance = f.all("loss_at_chance")
+    # A loss at chance that its emitter puts down to imbalanced labels is class_imbalance's evidence.
+    chance = [e for e in f.all("loss_at_chance") if "class_imbalance" not in e.causes]
     constant = [e for e in f.all("constant_features") if "no_signal" in e.causes]
     collapsed = [e for e in f.all("predictions_collapsed") if "no_signal" in e.causes]
     if not chance and not constant:
@@ -520,35 +625,139 @@ def _overfitting(f: _Facts) -> _Finding | None:
     )
 
 
-def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
-    """Rank root causes above the symptoms they explain."""
+def _first_step(finding: _Finding | None) -> int | None:
+    if finding is None or not finding.events:
+        return None
+    # The check point that first reported the finding; non_finite knows the exact step of the first NaN.
+    return finding.onset if finding.onset is not None else min(e.step for e in finding.events)
 
-    def below(symptom: str, root: str, why: str) -> None:
+
+# Causes read from symptoms that many causes can produce: however strong the symptom, the finding stays
+# below certainty, so that a bug with direct evidence (a detached graph, a missing zero_grad) outranks it.
+_SYMPTOMS = ("dying_relu", "saturated_activations", "vanishing_gradients", "exploding_gradients")
+_SYMPTOM_CAP = 0.95
+
+# Causes whose symptoms stop a model from learning: a loss stuck at chance next to any of them is their
+# effect, not evidence that the labels carry no signal.
+_STALLERS = (
+    "lr_too_high",
+    "lr_too_low",
+    "bad_init",
+    "over_regularization",
+    "unnormalized_inputs",
+    "dying_relu",
+    "saturated_activations",
+    "vanishing_gradients",
+    "exploding_gradients",
+    "missing_zero_grad",
+    "params_not_updated",
+    "non_finite",
+)
+
+
+def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
+    """Rank root causes above the symptoms they explain.
+
+    Each rule moves a symptom's finding just below its root cause's (never above it); the order of the
+    rules matters where chains form (a high LR kills units, dead units starve the first layers of
+    gradient), so roots are settled before the symptoms that hang on them.
+    """
+
+    def below(symptom: str, root: str, why: str, when: bool = True) -> None:
         s, r = findings.get(symptom), findings.get(root)
-        if s is not None and r is not None and s.confidence >= r.confidence:
+        if not when or s is None or r is None:
+            return
+        if s.confidence >= r.confidence:
             s.confidence = max(0.05, r.confidence - 0.05)
+        if why not in s.notes:
             s.notes.append(why)
 
-    lr_high = findings.get("lr_too_high")
-    dead = findings.get("dying_relu")
-    if lr_high is not None and dead is not None:
-        first_lr = min(e.step for e in lr_high.events)
-        if first_lr <= min(e.step for e in dead.events):
-            below("dying_relu", "lr_too_high", "the updates were too large before the units died")
+    def starts_before(root: str, symptom: str) -> bool:
+        r, s = _first_step(findings.get(root)), _first_step(findings.get(symptom))
+        return r is not None and s is not None and r <= s
+
+    nonfinite = findings.get("non_finite")
+    below("lr_too_high", "missing_zero_grad", "piled-up gradients make the updates grow step after step")
+    below("exploding_gradients", "missing_zero_grad", "piled-up gradients grow step after step")
+    below(
+        "non_finite",
+        "lr_too_high",
+        "the NaN followed diverging updates",
+        when=nonfinite is not None and nonfinite.after_blowup,
+    )
+    below(
+        "non_finite",
+        "exploding_gradients",
+        "the NaN followed exploding gradients",
+        when=nonfinite is not None and nonfinite.after_blowup,
+    )
+    below(
+        "dying_relu",
+        "lr_too_high",
+        "the updates were too large before the units died",
+        when=starts_before("lr_too_high", "dying_relu"),
+    )
+    below(
+        "dying_relu",
+        "non_finite",
+        "NaN weights make every unit look dead",
+        when=starts_before("non_finite", "dying_relu"),
+    )
     for root in ("unnormalized_inputs", "bad_init"):
         below("saturated_activations", root, f"{root} drives the units into saturation")
         below("dying_relu", root, f"{root} can push units into the dead region")
         below("exploding_gradients", root, f"{root} inflates the gradients")
         below("vanishing_gradients", root, f"{root} shrinks the gradients")
-    below("non_finite", "lr_too_high", "the NaN followed diverging updates")
-    below("non_finite", "exploding_gradients", "the NaN followed exploding gradients")
-    below("no_signal", "lr_too_low", "a loss stuck at chance with tiny updates is a learning rate problem")
-    below("no_signal", "insufficient_capacity", "the model cannot represent the task")
+    below(
+        "over_regularization",
+        "insufficient_capacity",
+        "a model that cannot fit the task settles where the loss gradient itself points along the weights",
+    )
+    below("vanishing_gradients", "over_regularization", "weights held near zero pass almost no gradient back")
+    below("vanishing_gradients", "saturated_activations", "saturated units pass almost no gradient back")
+    below("vanishing_gradients", "dying_relu", "dead units pass no gradient back to the layers before them")
+    below(
+        "vanishing_gradients",
+        "exploding_gradients",
+        "the last layers' gradients exploded, which makes the first layers' look small",
+        when=starts_before("exploding_gradients", "vanishing_gradients"),
+    )
+    stale = findings.get("params_not_updated")
+    only_frozen = stale is not None and all(e.kind == "weights_frozen" for e in stale.events)
+    below(
+        "params_not_updated",
+        "vanishing_gradients",
+        "updates from vanishing gradients fall below the weights' float resolution",
+        when=only_frozen,
+    )
+    below(
+        "lr_too_low",
+        "dying_relu",
+        "dead units pass no gradient, so the weights before them stop moving",
+        when=starts_before("dying_relu", "lr_too_low"),
+    )
+    below(
+        "lr_too_low",
+        "lr_too_high",
+        "updates look small next to weights that a too-high learning rate blew up",
+        when=starts_before("lr_too_high", "lr_too_low"),
+    )
+    below(
+        "lr_too_low",
+        "exploding_gradients",
+        "updates look small next to weights that exploding gradients blew up",
+        when=starts_before("exploding_gradients", "lr_too_low"),
+    )
+    below("lr_too_low", "vanishing_gradients", "vanishing gradients make the updates of the first layers tiny")
+    below("lr_too_low", "saturated_activations", "saturated units pass almost no gradient, so updates are tiny")
     below("lr_too_low", "params_not_updated", "parameters that are never updated look like tiny updates")
     below("lr_too_low", "missing_zero_grad", "piled-up gradients distort the updates")
-    below("lr_too_high", "missing_zero_grad", "piled-up gradients make the updates grow step after step")
-    below("exploding_gradients", "missing_zero_grad", "piled-up gradients grow step after step")
-    below("saturated_activations", "vanishing_gradients", "saturation is how the gradients vanish here")
+    below("no_signal", "insufficient_capacity", "the model cannot represent the task")
+    stallers = [c for c in _STALLERS if c in findings]
+    for root in sorted(stallers, key=lambda c: -findings[c].confidence):
+        below(
+            "no_signal", root, f"{', '.join(stallers)} keep(s) the model from learning, which leaves the loss at chance"
+        )
     below("class_imbalance", "no_signal", "a stuck model predicts the majority class")
 
 
@@ -579,6 +788,8 @@ def diagnose(events: Sequence[Event], guard: Guard | None = None) -> list[Diagno
     for rule in _RULES:
         found = rule(facts)
         if found is not None and found.confidence > 0:
+            if found.cause in _SYMPTOMS:
+                found.confidence = min(found.confidence, _SYMPTOM_CAP)
             findings[found.cause] = found
     _explain(findings, facts)
     ranked = sorted(findings.values(), key=lambda x: (-x.confidence, x.cause))
@@ -606,9 +817,9 @@ def diagnose(events: Sequence[Event], guard: Guard | None = None) -> list[Diagno
 # ---------------------------------------------------------------------------------------------- report
 def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()
     out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(out)
 
 

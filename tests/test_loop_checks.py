@@ -342,7 +342,8 @@ def test_nan_in_inputs_and_first_gradient_layer() -> None:
     x, y = regression_data()
     model = TwoLayer()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    guard = sg.Guard(model, opt, hooks=[sg.NonFinite()], sinks=[], check_every=5, strict=True)
+    hooks = [sg.NonFinite(grad_every=1)]  # inputs are tested with the gradients: every step here
+    guard = sg.Guard(model, opt, hooks=hooks, sinks=[], check_every=5, strict=True)
     for s in range(5):
         xb = x.clone()
         if s == 2:

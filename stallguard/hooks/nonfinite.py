@@ -25,17 +25,19 @@ _INPUTS, _PARAMS, _LOSS, _GRADS = range(len(WHERE))
 class NonFinite(Hook):
     """Find the first NaN/Inf of the run: in the inputs, the parameters, the loss or the gradients.
 
-    Per step, only device flags: the loss and the inputs given to ``guard.observe`` are tested with
-    ``isfinite``; the gradients through the step's shared per-parameter norms (a non-finite gradient
-    has a non-finite norm, so no second pass over the gradients), every ``grad_every`` steps; the
-    parameters through the shared weight norms, every ``param_every`` steps. Both default to every 10th
-    step, the cadence of :class:`~stallguard.GradNormMonitor`, so that the two share one norm pass and
-    the default Guard pays for it on one step in ten; a NaN loss is seen on the step it happens.
-    Each source keeps, on the device, the first step it went bad (``torch.where`` on the step
-    number), and the gradients and parameters also keep which tensor. At a check point the host
-    reads those few numbers and, the first time anything is non-finite, emits one ``nonfinite``
-    event naming the origin: the earliest step, and within a step the earliest source in causal
-    order (inputs, parameters, loss, gradients), with the first layer in model order.
+    Nothing runs on most steps. The loss costs nothing: the Guard keeps every observed loss, and at
+    the check point this hook looks for the first non-finite one, so a NaN loss is named with its
+    exact step. Every ``grad_every`` steps it tests the gradients, through the step's shared
+    per-parameter norms (a non-finite gradient has a non-finite norm, so no second pass over the
+    gradients), and the floating-point ``inputs`` given to ``guard.observe`` (``isfinite``); every
+    ``param_every`` steps the parameters, through the shared weight norms. Both default to every
+    10th step, the cadence of :class:`~stallguard.GradNormMonitor`, so that they share one norm pass
+    and the default Guard pays for it on one step in ten. Each tested source keeps, on the device,
+    the first step it went bad (``torch.where`` on the step number), and the gradients and
+    parameters also keep which tensor. At a check point the host reads those few numbers and, the
+    first time anything is non-finite, emits one ``nonfinite`` event naming the origin: the
+    earliest step, and within a step the earliest source in causal order (inputs, parameters, loss,
+    gradients), with the first layer in model order.
 
     Division of work with the other hooks: this hook reports the origin, once per run, and never
     changes training. :class:`~stallguard.GradNormMonitor` reports, per check interval, how many steps
@@ -44,7 +46,7 @@ class NonFinite(Hook):
     read the same shared gradient norms of the step.
 
     Args:
-        grad_every: Test the gradients every this many steps (0: never). A NaN gradient between two
+        grad_every: Test the gradients and the inputs every this many steps (0: never). A NaN gradient between two
             tested steps is reported at the next tested step (the NaN loss or weights it causes are
             usually seen first); 1 names the exact step and layer at the cost of a norm pass per step.
         param_every: Test the parameters every this many steps (0: never). A NaN written into a weight
@@ -76,6 +78,7 @@ class NonFinite(Hook):
         self.check_inputs = check_type(owner, "check_inputs", check_inputs, bool, "a bool")
         self.add_state("reported", False)
         self.add_state("interval_start", 0)
+        self.add_state("losses_seen", 0)  # observed losses already looked at
         self._slot_names: list[str] = []
         self._slot_of: dict[str, int] = {}
         self._index: dict[tuple[str, ...], Tensor] = {}
@@ -119,18 +122,21 @@ class NonFinite(Hook):
     def on_observe(self, obs: Observation) -> None:
         if self.reported:
             return
-        step = obs.step + 1  # the loss and batch of the step under way
+        step = obs.step + 1  # the batch of the step under way
+        x = obs.inputs
+        # The loss needs nothing here: the Guard keeps every observed loss, read at the check point.
+        if not (self.check_inputs and isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex())):
+            return
+        if not self._tested(step, self.grad_every):
+            return
         if self._pending_step is not None and self._pending_step != step:
             self._flush(self._pending_step, self._pending)
             self._pending = [None] * len(WHERE)
         self._pending_step = step
-        if isinstance(obs.loss, Tensor):
-            self._add(_LOSS, ~torch.isfinite(obs.loss).to(self.first.device))
-        elif obs.loss is not None and not math.isfinite(obs.loss):
-            self._add(_LOSS, torch.ones((), dtype=torch.bool, device=self.first.device))
-        x = obs.inputs
-        if self.check_inputs and isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
-            self._add(_INPUTS, ~torch.isfinite(x).all().to(self.first.device))
+        self._add(_INPUTS, ~torch.isfinite(x).all().to(self.first.device))
+
+    def _tested(self, step: int, every: int) -> bool:
+        return bool(every) and (step - self.start_step) % every == 0
 
     def _add(self, where: int, bad: Tensor) -> None:
         prev = self._pending[where]
@@ -145,9 +151,8 @@ class NonFinite(Hook):
         if self._pending_step is not None and self._pending_step != step:
             self._flush(self._pending_step, self._pending)
         self._pending, self._pending_step = [None] * len(WHERE), None
-        due = step - self.start_step
-        test_grads = bool(self.grad_every) and due % self.grad_every == 0
-        test_params = bool(self.param_every) and due % self.param_every == 0
+        test_grads = self._tested(step, self.grad_every)
+        test_params = self._tested(step, self.param_every)
         norms = ctx.grad_norms() if test_grads else None
         if norms is not None or test_params:
             # Row 0: gradients, row 1: parameters, one column per tensor of the step (aligned names).
@@ -189,7 +194,10 @@ class NonFinite(Hook):
         start, self.interval_start = self.interval_start, check.step
         if self.reported:
             return
-        first = np.asarray(v["first"], dtype=np.float64).reshape(-1)
+        first = np.array(v["first"], dtype=np.float64).reshape(-1)
+        loss_step = self._first_bad_loss(check)
+        if loss_step is not None:
+            first[_LOSS] = min(first[_LOSS], loss_step - start)
         if not np.isfinite(first).any():
             return
         earliest = float(first.min())
@@ -222,6 +230,17 @@ class NonFinite(Hook):
             layer=layer,
             sources=seen,
         )
+
+    def _first_bad_loss(self, check: CheckContext) -> int | None:
+        """The step of the first non-finite loss observed since the last check point, from the Guard's series."""
+        guard = check.guard
+        if not guard.has_series("loss"):
+            return None
+        series = guard.series("loss")
+        steps, values = series.since(self.losses_seen)
+        self.losses_seen = series.total
+        bad = np.flatnonzero(~np.isfinite(values))
+        return int(steps[bad[0]]) + 1 if len(bad) else None  # the loss of the step under way
 
     # ----------------------------------------------------------------- state
     def load_state_dict(self, state: dict[str, Any]) -> None:

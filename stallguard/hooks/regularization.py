@@ -212,9 +212,8 @@ class Regularization(Hook):
         self._decay_seen = {"weight_decay": sorted({_num(w) for w in wds}), "decoupled": any(decoupled)}
         gn = norms.per_tensor.index_select(0, layout.positions)
         wn = ctx.param_norms().index_select(0, layout.positions)
-        # One pass over the layer gradients and weights: their per-layer dot products.
-        products = torch._foreach_mul(self._grads(ctx, layout), [p.detach() for p in layout.params])
-        dot = torch.stack([t.sum(dtype=torch.float32) for t in products])
+        # One read of the layer gradients and weights: their per-layer dot products (no product tensor).
+        dot = torch.stack([_dot(g, p.detach()) for g, p in zip(self._grads(ctx, layout), layout.params)])
         scale = getattr(ctx.optimizer, "grad_scale", None)
         if isinstance(scale, Tensor):  # fused optimizer under a GradScaler: the norms are unscaled already
             dot = dot / scale.to(dot.device)
@@ -363,6 +362,13 @@ class Regularization(Hook):
         half = len(vals) // 2
         first, last = float(np.median(vals[:half])), float(np.median(vals[half:]))
         return {"loss_start": first, "loss_now": last, "loss_change": (last - first) / abs(first) if first else 0.0}
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum(a * b)`` in float32 without materializing the product."""
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        a, b = a.float(), b.float()
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def _num(x: Any) -> float:
