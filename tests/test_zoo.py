@@ -18,11 +18,9 @@ pytestmark = pytest.mark.slow
 #: "Stall zoo" section of benchmarks/RESULTS.md). strict=True: a fix makes the test pass and fail as XPASS,
 #: so the entry must then be removed.
 KNOWN_MISSES: dict[str, str] = {
-    "weight_decay_mlp_sgd": "vanishing_gradients (the decay's shrunken first layer) ranks above over_regularization",
-    "dead_bias_mlp": "vanishing_gradients (dead units give zero first-layer gradients) ranks above dying_relu",
-    "sigmoid_offset_mlp": "vanishing_gradients ranks above saturated_activations, which the rules put below it",
     "outlier_targets_mlp": "gradient spikes never reach 100x the earlier median: no exploding_gradients event",
     "imbalanced_cnn": "class_imbalance is reported, but without collapsed predictions or a stall it is not named",
+    "random_labels_mlp": "loss_at_chance is dropped once the model memorizes the random labels below chance",
     "healthy_converges_early": "update_ratio_low after convergence is named lr_too_low without a stall",
 }
 
