@@ -390,6 +390,10 @@ def _lr_too_low(f: _Facts) -> _Finding | None:
     low.sort(key=lambda e: e.step)
     if not low:
         return None
+    # Small updates on a loss that has reached its floor (``converged``) are healthy: annealed schedules
+    # end that way. Only updates that round away entirely count then.
+    if f.has("converged") and not f.stalled and not any(e.kind == "weights_frozen" for e in low):
+        return None
     stall = f.first("plateau", "loss_at_chance")
     confidence = _combine(*(_conf(e, 0.5) for e in low))
     if stall is not None:
@@ -761,6 +765,13 @@ def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
     below("lr_too_low", "missing_zero_grad", "piled-up gradients distort the updates")
     below("no_signal", "insufficient_capacity", "the model cannot represent the task")
     stallers = [c for c in _STALLERS if c in findings]
+    signal = findings.get("no_signal")
+    if signal is not None and any(e.kind == "constant_features" for e in signal.events):
+        # Constant inputs: the first layers' gradients (input x upstream gradient) carry no information,
+        # and what looks like vanishing gradients is the empty input, not the depth of the network.
+        if "vanishing_gradients" in stallers:
+            stallers.remove("vanishing_gradients")
+        below("vanishing_gradients", "no_signal", "constant inputs give the first layers nothing to learn from")
     for root in sorted(stallers, key=lambda c: -findings[c].confidence):
         below(
             "no_signal", root, f"{', '.join(stallers)} keep(s) the model from learning, which leaves the loss at chance"

@@ -459,3 +459,23 @@ def test_overfitting_advice_follows_the_direction_of_the_metric() -> None:
     assert d.advice.startswith("val_acc falls while the training loss falls: stop early at step 120")
     (d,) = sg.diagnose([ev("overfitting", 300, source="Overfit", monitor="val_loss", mode="min")])
     assert d.advice.startswith("val_loss rises")
+
+
+def test_tiny_updates_after_the_loss_converged_are_healthy() -> None:
+    converged = ev("converged", 300, "info", source="PlateauDetector", level=0.004)
+    late_low = ev("update_ratio_low", 400, conf=0.8, median_ratio=3e-6)
+    assert sg.diagnose([converged, late_low]) == []
+    assert causes([converged, late_low, ev("plateau", 450, source="PlateauDetector")])[0] == "lr_too_low"
+
+
+def test_constant_inputs_rank_above_the_vanishing_gradients_they_cause() -> None:
+    constant = sg.Event(
+        kind="constant_features", severity="warning", message="every feature constant", step=50, source="InputStats",
+        causes=("no_signal",), confidence=0.9,
+    )  # fmt: skip
+    events = [
+        constant,
+        ev("vanishing_gradients", 50, source="GradNormMonitor", conf=0.95, ratio=1e-9),
+        ev("plateau", 100, source="PlateauDetector"),
+    ]
+    assert causes(events)[:2] == ["no_signal", "vanishing_gradients"]

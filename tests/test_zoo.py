@@ -21,7 +21,6 @@ KNOWN_MISSES: dict[str, str] = {
     "outlier_targets_mlp": "gradient spikes never reach 100x the earlier median: no exploding_gradients event",
     "imbalanced_cnn": "class_imbalance is reported, but without collapsed predictions or a stall it is not named",
     "random_labels_mlp": "loss_at_chance is dropped once the model memorizes the random labels below chance",
-    "healthy_converges_early": "update_ratio_low after convergence is named lr_too_low without a stall",
 }
 
 
