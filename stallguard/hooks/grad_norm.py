@@ -53,8 +53,10 @@ class GradNormMonitor(Hook):
       ``vanishing_norm`` (AutoTrainer's rule); or, with ``min_norm`` set, the global norm was below
       ``min_norm`` on that share of steps.
     * ``exploding_gradients``: the median global norm of the interval exceeds ``growth_factor`` times
-      the median of the previous ``window`` steps (a sustained jump, not a single noisy batch); or,
-      with ``max_norm`` set, some step's global norm exceeded it.
+      the median of the previous ``window`` steps (a sustained jump, not a single noisy batch), or its
+      largest norm does while its median exceeds ``sqrt(growth_factor)`` times (spikes on a run
+      whose gradients have risen as a whole); or, with ``max_norm`` set, some step's global norm
+      exceeded it.
     * ``nonfinite_gradients``: some step had NaN or Inf gradients; names the parameters that were
       non-finite first.
 
@@ -383,9 +385,16 @@ class GradNormMonitor(Hook):
                 growth_factor=self.growth_factor,
                 above_fraction=above,
             )
+            peak = float(np.max(norms)) / base if base > 0 else math.inf
+            data["peak_growth"] = peak
             if growth > self.growth_factor:
                 rules.append("growth")
                 confidence = above
+            elif peak > self.growth_factor and growth > math.sqrt(self.growth_factor):
+                # Spikes of growth_factor x over a median raised sqrt(growth_factor) x: an unstable run
+                # whose gradients blow up batch after batch, not one noisy batch on a calm run.
+                rules.append("growth")
+                confidence = max(above, 0.5)
         if self.max_norm is not None:
             over = int(np.sum(norms > self.max_norm))
             data.update(max_norm=self.max_norm, steps_over_max_norm=over)
