@@ -136,6 +136,10 @@ class NonFinite(Hook):
     def _tested(self, step: int, every: int) -> bool:
         return bool(every) and (step - self.start_step) % every == 0
 
+    def is_due(self, step: int) -> bool:
+        # Only the tested steps call in: observe() sees the step before the one under way, hence step + 1.
+        return any(self._tested(s, e) for s in (step, step + 1) for e in (self.grad_every, self.param_every))
+
     def _add(self, where: int, bad: Tensor) -> None:
         prev = self._pending[where]
         self._pending[where] = bad if prev is None else prev | bad  # several observe calls (accumulation)
