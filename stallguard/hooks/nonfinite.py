@@ -31,9 +31,10 @@ class NonFinite(Hook):
     exact step. Every ``grad_every`` steps it tests the gradients, through the step's shared
     per-parameter norms (a non-finite gradient has a non-finite norm, so no second pass over the
     gradients), and the floating-point ``inputs`` given to ``guard.observe`` (``isfinite``); every
-    ``param_every`` steps the parameters, through the shared weight norms. Both default to every
-    10th step, the cadence of :class:`~stallguard.GradNormMonitor`, so that they share one norm pass
-    and the default Guard pays for it on one step in ten. Each tested source keeps, on the device,
+    ``param_every`` steps the parameters, through the shared weight norms. The gradients default to
+    every 10th step, the cadence of :class:`~stallguard.GradNormMonitor`, so that they share one norm
+    pass; the weights to every 50th, with :class:`~stallguard.Regularization` (a NaN weight makes the
+    loss NaN at once, which is seen anyway). Each tested source keeps, on the device,
     the first step it went bad (``torch.where`` on the step number), and the gradients and
     parameters also keep which tensor. At a check point the host reads those few numbers and, the
     first time anything is non-finite, emits one ``nonfinite`` event naming the origin: the
@@ -71,7 +72,7 @@ class NonFinite(Hook):
         >>> guard.close()
     """
 
-    def __init__(self, grad_every: int = 10, param_every: int = 10, check_inputs: bool = True, **kwargs: Any) -> None:
+    def __init__(self, grad_every: int = 10, param_every: int = 50, check_inputs: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         owner = type(self).__name__
         self.grad_every = check_int(owner, "grad_every", grad_every, min=0)

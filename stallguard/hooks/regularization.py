@@ -100,7 +100,7 @@ class Regularization(Hook):
         layer_fraction: float = 0.5,
         shrink_ratio: float = 0.9,
         *,
-        every: int = 10,
+        every: int = 50,
         **kwargs: Any,
     ) -> None:
         super().__init__(every=every, **kwargs)
