@@ -296,13 +296,13 @@ def test_log_zero_in_the_loss() -> None:
     assert guard.diagnose()[0].cause == "non_finite"
 
 
-def test_nan_in_a_weight() -> None:
+def nan_weight_run(hook: sg.NonFinite, steps: int) -> sg.Event:
+    """Train; before the 5th step one weight becomes NaN. Returns the one ``nonfinite`` event."""
     x, y = regression_data()
     model = TwoLayer()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    hooks = [sg.NonFinite(grad_every=1, param_every=1)]  # every step: the exact origin
-    guard = sg.Guard(model, opt, hooks=hooks, sinks=[], check_every=10, strict=True)
-    for s in range(12):
+    guard = sg.Guard(model, opt, hooks=[hook], sinks=[], check_every=10, strict=True)
+    for s in range(steps):
         if s == 4:
             with torch.no_grad():
                 model.l2.weight[0, 3] = math.nan
@@ -313,26 +313,17 @@ def test_nan_in_a_weight() -> None:
         opt.step()
     guard.close()
     (ev,) = of_kind(guard, "nonfinite")
+    return ev
+
+
+def test_nan_in_a_weight() -> None:
+    ev = nan_weight_run(sg.NonFinite(grad_every=1, param_every=1), 12)  # every step: the exact origin
     assert ev.data["where"] == "parameters" and ev.data["first_step"] == 5 and ev.data["layer"] == "l2.weight"
     assert ev.data["sources"]["loss"] == 5
 
 
 def test_nan_in_a_weight_is_found_by_the_sampled_default_too() -> None:
-    x, y = regression_data()
-    model = TwoLayer()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    guard = sg.Guard(model, opt, hooks=[sg.NonFinite()], sinks=[], check_every=10, strict=True)
-    for s in range(52):
-        if s == 4:
-            with torch.no_grad():
-                model.l2.weight[0, 3] = math.nan
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        guard.observe(loss)
-        opt.step()
-    guard.close()
-    (ev,) = of_kind(guard, "nonfinite")
+    ev = nan_weight_run(sg.NonFinite(), 52)
     # Gradients are tested on every 10th step, weights on every 50th; every loss is looked at.
     assert ev.data["where"] == "loss" and ev.data["first_step"] == 5
     assert ev.data["sources"]["gradients"] == 10
