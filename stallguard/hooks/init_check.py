@@ -202,20 +202,21 @@ class InitCheck(Hook):
 
 def _stats(w: Tensor) -> Tensor:
     """[max |w|, max - min, std, distinct rows, rows] of one weight, on its device, in float64."""
-    w = w.detach()
-    flat = w.reshape(-1).double()
-    rows = w.reshape(w.shape[0], -1).double()
+    # One float64 copy of the weight and no temporaries of its size: the peak memory of the check.
+    rows = w.detach().reshape(w.shape[0], -1).double()
+    flat = rows.reshape(-1)
     # Identical rows have identical projections on a fixed random direction; distinct rows almost never do.
     g = torch.Generator().manual_seed(0)
     direction = torch.rand(rows.shape[1], generator=g, dtype=torch.float64).add_(0.5).to(rows.device)
-    h = (rows * direction).sum(1).sort().values
+    h = torch.mv(rows, direction).sort().values
     distinct = 1 + (h[1:] != h[:-1]).sum() if h.numel() > 1 else torch.ones((), dtype=torch.long, device=h.device)
-    std = (flat - flat.mean()).square().mean().sqrt()  # Tensor.std reads a scalar to the host on CPU
+    var, _ = torch.var_mean(flat, correction=0)  # Tensor.std reads a scalar to the host on CPU; var_mean does not
+    lo, hi = torch.aminmax(flat)
     return torch.stack(
         [
-            flat.abs().max(),
-            flat.max() - flat.min(),
-            std,
+            torch.maximum(hi, -lo),
+            hi - lo,
+            var.sqrt(),
             distinct.to(flat.dtype),
             flat.new_tensor(float(rows.shape[0])),
         ]
