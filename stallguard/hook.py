@@ -149,7 +149,14 @@ class Hook:
     # ----------------------------------------------------------------- helpers for subclasses
     def is_due(self, step: int) -> bool:
         """Whether the per-step methods run on optimizer step ``step``."""
-        return step >= self.start_step and (step - self.start_step) % self.every == 0
+        return step >= self.start_step and self.falls_on(step, self.every)
+
+    def falls_on(self, step: int, every: int) -> bool:
+        """Whether ``step`` is on a cadence of ``every`` steps counted from ``start_step`` (0: never).
+
+        For hooks that sample different things at different cadences.
+        """
+        return bool(every) and (step - self.start_step) % every == 0
 
     def emit(
         self,

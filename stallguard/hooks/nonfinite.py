@@ -126,7 +126,7 @@ class NonFinite(Hook):
         # The loss needs nothing here: the Guard keeps every observed loss, read at the check point.
         if not (self.check_inputs and isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex())):
             return
-        if not self._tested(step, self.grad_every):
+        if not self.falls_on(step, self.grad_every):
             return
         if self._pending_step is not None and self._pending_step != step:
             self._flush(self._pending_step, self._pending)
@@ -134,12 +134,9 @@ class NonFinite(Hook):
         self._pending_step = step
         self._add(_INPUTS, ~torch.isfinite(x).all().to(self.first.device))
 
-    def _tested(self, step: int, every: int) -> bool:
-        return bool(every) and (step - self.start_step) % every == 0
-
     def is_due(self, step: int) -> bool:
         # Only the tested steps call in: observe() sees the step before the one under way, hence step + 1.
-        return any(self._tested(s, e) for s in (step, step + 1) for e in (self.grad_every, self.param_every))
+        return any(self.falls_on(s, e) for s in (step, step + 1) for e in (self.grad_every, self.param_every))
 
     def _add(self, where: int, bad: Tensor) -> None:
         prev = self._pending[where]
@@ -154,8 +151,8 @@ class NonFinite(Hook):
         if self._pending_step is not None and self._pending_step != step:
             self._flush(self._pending_step, self._pending)
         self._pending, self._pending_step = [None] * len(WHERE), None
-        test_grads = self._tested(step, self.grad_every)
-        test_params = self._tested(step, self.param_every)
+        test_grads = self.falls_on(step, self.grad_every)
+        test_params = self.falls_on(step, self.param_every)
         norms = ctx.grad_norms() if test_grads else None
         if norms is not None or test_params:
             # Row 0: gradients, row 1: parameters, one column per tensor of the step (aligned names).

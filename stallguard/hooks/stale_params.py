@@ -181,12 +181,11 @@ class StaleParams(Hook):
     @torch.no_grad()
     def is_due(self, step: int) -> bool:
         # The first steps (for grads_missing), then only the steps that sample the update.
-        sampled = bool(self.update_every) and (step - self.start_step) % self.update_every == 0
-        return sampled or not self.grads_decided
+        return self.falls_on(step, self.update_every) or not self.grads_decided
 
     def on_before_step(self, ctx: StepContext) -> None:
         self._watch_grads(ctx)
-        if self.update_every and (ctx.step - self.start_step) % self.update_every == 0:
+        if self.falls_on(ctx.step, self.update_every):
             ctx.request_update()
             self._sample_lr(ctx)
 
