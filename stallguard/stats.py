@@ -267,7 +267,8 @@ class StepContext:
         elements each), so the memory cost is proportional to the number of tensors.
         """
         if self._update_before is None:
-            self._update_before = [_sample(p) for p in self._grads()[0]]
+            views = _SampleViews.of(self.guard, self.optimizer_index, self._grads()[0])
+            self._update_before = views.copy()
 
     def update_norms(self) -> UpdateNorms | None:
         """The update just applied, per parameter; None unless :meth:`request_update` was called."""
@@ -277,14 +278,63 @@ class StepContext:
             params, _, names = self._grads()
             if not params:
                 return None
-            after = [_sample(p) for p in params]
-            delta = torch._foreach_sub(after, self._update_before)
-            self._update = UpdateNorms(
-                names=names,
-                delta=tensor_norms(delta)[0],
-                weight=tensor_norms(self._update_before)[0],
-            )
+            views = _SampleViews.of(self.guard, self.optimizer_index, params)
+            before = self._update_before
+            delta = torch._foreach_sub(views.current(), before) if before else []
+            # One norm pass over the deltas and the weights together.
+            per = tensor_norms(delta + before)[0]
+            self._update = UpdateNorms(names=names, delta=per[: len(before)], weight=per[len(before) :])
         return self._update
+
+
+class _SampleViews:
+    """Views of the sampled elements of each parameter, made once per parameter set.
+
+    A parameter of at most ``UPDATE_SAMPLE`` elements is sampled whole; a larger one at a fixed
+    stride. The views follow the optimizer's in-place updates, so taking the sample before and
+    after a step is one foreach copy and one foreach subtraction, not a few dispatches per tensor.
+    A parameter whose storage changed (``p.data = ...``) or that is not contiguous gets a fresh copy
+    of its sample each time instead.
+    """
+
+    __slots__ = ("key", "params", "views")
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.key = self._key(params)
+        self.views: list[Tensor | None] = [_strided(p) for p in params]
+
+    @staticmethod
+    def _key(params: list[Tensor]) -> tuple[tuple[int, int], ...]:
+        return tuple((id(p), p.data_ptr() if _plain(p) else 0) for p in params)
+
+    @classmethod
+    def of(cls, guard: Guard, index: int, params: list[Tensor]) -> _SampleViews:
+        cache = guard._sample_views
+        found = cache.get(index)
+        if found is None or found.key != cls._key(params):
+            found = cache[index] = cls(params)
+        return found
+
+    def current(self) -> list[Tensor]:
+        return [v if v is not None else _sample(p) for v, p in zip(self.views, self.params)]
+
+    def copy(self) -> list[Tensor]:
+        if self.views and all(v is not None for v in self.views):
+            return torch._foreach_mul(self.views, 1.0)  # type: ignore[arg-type]  # one dispatch for every copy
+        return [t.clone() if v is not None else t for v, t in zip(self.views, self.current())]
+
+
+def _strided(p: Tensor) -> Tensor | None:
+    """The sampled elements of ``p`` as a view (the same elements :func:`_sample` picks), or None."""
+    if not _plain(p) or p.is_sparse or not p.is_contiguous():
+        return None
+    flat = p.detach().view(-1)
+    n = flat.numel()
+    if n <= UPDATE_SAMPLE:
+        return flat
+    stride = math.ceil(n / UPDATE_SAMPLE)
+    return flat.as_strided((math.ceil(n / stride),), (stride,), flat.storage_offset())
 
 
 _SAMPLE_INDEX: dict[tuple[int, torch.device], Tensor] = {}

@@ -90,6 +90,9 @@ class CapacityCheck(Hook):
         if not self.checked and guard.model is not None:
             self.register_handle(guard.model.register_forward_hook(self._on_model_forward))
 
+    def is_due(self, step: int) -> bool:
+        return not self.checked  # one look, at the first step
+
     def on_before_step(self, ctx: StepContext) -> None:
         if self.checked:
             return

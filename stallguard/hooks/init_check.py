@@ -87,6 +87,9 @@ class InitCheck(Hook):
     def on_attach(self, guard: Guard) -> None:
         self._check_weights("attach")
 
+    def is_due(self, step: int) -> bool:
+        return not self.first_step_checked  # one look, at the first step
+
     def on_before_step(self, ctx: StepContext) -> None:
         if self.first_step_checked:
             return

@@ -32,7 +32,7 @@ _EXTREME = 2.0
 class UpdateRatio(Hook):
     """Measure ``|Δw| / |w|`` per weight from the updates the optimizer really applies.
 
-    On each sampled step (every ``every`` optimizer steps, from step 1 on) the hook asks
+    On each sampled step (step 1, then every ``every``-th optimizer step: 10, 20, ...) the hook asks
     the step's shared statistics for the update (:meth:`StepContext.request_update` before the step,
     :meth:`StepContext.update_norms` after it: a fixed sample of at most 4096 elements per tensor)
     and writes the ratio of every dim >= 2 weight of Linear, Conv, RNN and attention layers into a
@@ -60,8 +60,9 @@ class UpdateRatio(Hook):
     largest then (Adam's first step is exactly ``lr`` per element, ``lr / rms(w)`` as a ratio;
     later ones are 1-10x smaller), and an LR warm-up makes them smallest then. So samples of the
     first ``warmup`` steps never count towards ``update_ratio_low``, and towards
-    ``update_ratio_high`` only when their median is above ``2 * high``: an LR of 10 moves a small
-    MLP's weights by 30-50% of their size in its first steps and kills every ReLU within 20 steps;
+    ``update_ratio_high`` only when one sampled step's median is above ``2 * high``: an LR of 10
+    moves a small MLP's weights by 30-50% of their size in its first steps and kills every ReLU
+    within 10 steps;
     reporting those first steps names the learning rate before the run falls apart into dead
     units, NaN and, later, updates that are zero.
 
@@ -102,7 +103,7 @@ class UpdateRatio(Hook):
     ) -> None:
         owner = type(self).__name__
         warmup = check_int(owner, "warmup", warmup, min=0)
-        super().__init__(every=every, start_step=1, name=name)
+        super().__init__(every=every, name=name)
         self.low = check_float(owner, "low", low, min=0.0, min_open=True)
         self.high = check_float(owner, "high", high, min=0.0, min_open=True)
         if self.high <= self.low:
@@ -121,6 +122,11 @@ class UpdateRatio(Hook):
         self._slot = -1
 
     # ----------------------------------------------------------------- lifecycle
+    def is_due(self, step: int) -> bool:
+        # Step 1 (the first update is the one a far too high LR makes largest), then the steps the other
+        # sampled hooks take (10, 20, ...), so that the gradient norms and the update are measured once.
+        return step == 1 or self.falls_on(step, self.every)
+
     def on_attach(self, guard: Guard) -> None:
         if not self.layers:
             self.layers = weight_names(guard.module)
@@ -178,8 +184,11 @@ class UpdateRatio(Hook):
             elif median < self.low and late.sum() >= self.window and not self._warming_up():
                 status = "low"
         if status != "high" and (~late).any():
-            # Warm-up samples count for extreme updates only.
-            early = _median(table[~late])
+            # Warm-up samples count for extreme updates only: one sampled step whose typical weight moved
+            # by 2 * high is one too many (a high LR can kill a net within its first ten steps, after
+            # which its updates are zero and dilute a median over the warm-up).
+            per_step = [_median(row) for row in table[~late]]
+            early = max((m for m in per_step if not math.isnan(m)), default=math.nan)
             if early > _EXTREME * self.high:
                 status, rows, median = "high", ~late, early
         if not late.any() and status != "high":
@@ -244,7 +253,7 @@ class UpdateRatio(Hook):
 
     # ----------------------------------------------------------------- config
     def get_config(self) -> dict[str, Any]:
-        # Only this hook's own arguments: start_step is not one (samples start at step 1).
+        # Only this hook's own arguments: start_step is not one (samples are step 1 and every multiple of every).
         config = super().get_config()
         return {k: v for k, v in config.items() if k != "start_step"}
 

@@ -86,6 +86,7 @@ class ZeroGradCheck(Hook):
         self._incoming: dict[int, Tensor] = {}
         self._armed_step: int | None = None
         self._step_handles: list[Any] = []
+        self._size_tensors: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
         self._restored = False
 
     # ----------------------------------------------------------------- attach
@@ -152,6 +153,14 @@ class ZeroGradCheck(Hook):
 
         return post
 
+    def _sizes(self, sizes: list[int], device: torch.device) -> Tensor:
+        # Cached: building it on an accelerator is a host-to-device copy.
+        key = (tuple(sizes), device)
+        found = self._size_tensors.get(key)
+        if found is None:
+            found = self._size_tensors[key] = torch.tensor(sizes, device=device)
+        return found
+
     def _disarm(self) -> None:
         for h in self._step_handles:
             h.remove()
@@ -167,7 +176,7 @@ class ZeroGradCheck(Hook):
     def on_before_step(self, ctx: StepContext) -> None:
         if self._armed_step != ctx.step:
             return
-        gs, ss, gg = [], [], []
+        grads, sums = [], []
         idle = []
         for k, (_, p) in enumerate(self._watched):
             s = self._sums.get(k)
@@ -175,26 +184,29 @@ class ZeroGradCheck(Hook):
                 if p.grad is None:
                     idle.append(k)
                 continue
-            # float64: the squares of gradients near 1e-20 underflow in float32 and would read as "unexplained".
-            g, s = p.grad.detach().double(), s.double()
-            if g.shape != s.shape:
-                continue
-            # Leave out the elements at the largest |grad|: clip_grad_value_ puts every clamped element
-            # there, and the others still equal the sum exactly.
-            a = g.abs()
-            keep = a < a.amax()
-            g, s = g * keep, s * keep
-            gs.append((g * s).sum())
-            ss.append((s * s).sum())
-            gg.append((g * g).sum())
+            if p.grad.shape == s.shape:
+                grads.append(p.grad)
+                sums.append(s)
         self._disarm()
         for k in idle:
             # A parameter that got no gradient (an unused module) tells nothing: watch another one.
             if self._spare:
                 self._watched[k] = self._spare.pop(0)
-        if not gs:
+        if not grads:
             return
-        gs_t, ss_t, gg_t = torch.stack(gs).sum(), torch.stack(ss).sum(), torch.stack(gg).sum()
+        # All watched tensors as one flat vector: a fixed number of ops, not a few per tensor.
+        # float64: the squares of gradients near 1e-20 underflow in float32 and would read as "unexplained".
+        dev = grads[0].device
+        if any(t.device != dev for t in grads):  # a model split over devices: compare on the first one
+            grads, sums = [t.to(dev) for t in grads], [t.to(dev) for t in sums]
+        g = torch.cat([t.reshape(-1) for t in grads]).double()
+        s = torch.cat([t.reshape(-1) for t in sums]).double()
+        # Leave out each tensor's elements at its largest |grad|: clip_grad_value_ puts every clamped
+        # element there, and the others still equal the sum exactly.
+        peak = torch.stack(torch._foreach_norm(grads, math.inf)).double()
+        keep = g.abs() < peak.repeat_interleave(self._sizes([t.numel() for t in grads], dev), output_size=g.numel())
+        g, s = g * keep, s * keep
+        gs_t, ss_t, gg_t = torch.dot(g, s), torch.dot(s, s), torch.dot(g, g)
         tiny = torch.finfo(torch.float64).tiny
         factor = gs_t / ss_t.clamp_min(tiny)
         # |g - factor * s|^2 = |g|^2 - <g, s>^2 / |s|^2: the part of .grad that the fresh gradients do not explain.
