@@ -325,6 +325,16 @@ class _SampleViews:
         return [t.clone() if v is not None else t for v, t in zip(self.views, self.current())]
 
 
+def sample_view(t: Tensor) -> Tensor:
+    """The fixed sample of ``t`` that update sizes are measured on (at most ``UPDATE_SAMPLE`` elements).
+
+    A view where ``t`` is contiguous (no copy), a copy otherwise. The same elements every time for a
+    tensor of the same shape, so statistics of different steps compare.
+    """
+    view = _strided(t)
+    return view if view is not None else _sample(t)
+
+
 def _strided(p: Tensor) -> Tensor | None:
     """The sampled elements of ``p`` as a view (the same elements :func:`_sample` picks), or None."""
     if not _plain(p) or p.is_sparse or not p.is_contiguous():

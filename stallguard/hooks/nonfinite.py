@@ -247,4 +247,3 @@ def _any_nonfinite(x: Tensor) -> Tensor:
     if x.is_complex() or x.dtype == torch.float64:
         return ~torch.isfinite(x).all()  # exact where a float64 sum could overflow
     return x.sum(dtype=torch.float64).mul(0).ne(0)
-
