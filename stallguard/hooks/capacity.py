@@ -92,12 +92,12 @@ class CapacityCheck(Hook):
         self.add_state("checked", False)
         self.add_state("outputs", None)  # the output width seen in the first training forward pass
         self.add_state("reasons", [])
-        self._heads: list[str] = []  # the Sequential submodules whose output is the model's output
+        self._heads: list[str] | None = None  # the Sequential submodules whose output is the model's output
         self._seen: list[tuple[str, Tensor]] = []  # Sequential outputs of the forward pass under way
 
     # ----------------------------------------------------------------- lifecycle
     def on_attach(self, guard: Guard) -> None:
-        self._heads, self._seen = [], []
+        self._heads, self._seen = None, []
         if not self.checked and guard.model is not None:
             self.register_handle(guard.model.register_forward_hook(self._on_model_forward))
             if guard.module is not None and flat_sequential(guard.module) is None:
@@ -127,15 +127,17 @@ class CapacityCheck(Hook):
 
     # ----------------------------------------------------------------- internals
     def _on_sequential_forward(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
-        if self.outputs is None and module.training and isinstance(output, Tensor):
+        if self._heads is None and module.training and isinstance(output, Tensor):
             self._seen.append((name, output))
         return None
 
     def _on_model_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         seen, self._seen = self._seen, []  # drop the references to this pass's tensors
-        if self.outputs is None and module.training and isinstance(output, Tensor) and output.ndim >= 1:
-            self.outputs = int(output.shape[-1])  # shape metadata: no device read
+        if self._heads is None and module.training and isinstance(output, Tensor) and output.ndim >= 1:
             self._heads = _heads(seen, output)
+            # Shape metadata, no device read. A 1-D output is a batch of scalars (a squeezed regression
+            # or binary head): its last dim is the batch, not the output width.
+            self.outputs = int(output.shape[-1]) if output.ndim >= 2 else 1
         return None
 
     def _findings(self, root: nn.Module) -> list[tuple[str, str, dict[str, Any]]]:
@@ -204,7 +206,7 @@ class CapacityCheck(Hook):
     def _head_chains(self, root: nn.Module) -> list[list[tuple[str, nn.Module]]]:
         """The known-order tails of the Sequential containers whose output is the model's output."""
         modules = dict(root.named_modules())
-        chains = [_known_tail(modules[name], f"{name}.") for name in self._heads if name in modules]
+        chains = [_known_tail(modules[name], f"{name}.") for name in self._heads or () if name in modules]
         if isinstance(root, nn.Sequential):  # a Sequential with custom blocks: its output is the model's
             chains.insert(0, _known_tail(root, ""))
         kept: list[list[tuple[str, nn.Module]]] = []
