@@ -247,10 +247,11 @@ class StaleParams(Hook):
     def _loss_converged(self, check: CheckContext) -> bool:
         """Whether the loss observed since the last check point sits at its floor (host numbers only)."""
         _, values, self.loss_seen = check.unread("loss", self.loss_seen)
-        if values.size == 0 or not np.isfinite(values).all():
-            return False
-        if self.loss_start is None:
-            self.loss_start = float(np.median(values[:10]))
+        finite = values[np.isfinite(values)]
+        if self.loss_start is None and finite.size:
+            self.loss_start = float(np.median(finite[:10]))
+        if values.size == 0 or finite.size < values.size:
+            return False  # nothing observed, or NaN/Inf in the interval: not a converged loss
         level = float(np.median(values))
         start = self.loss_start
         return self.converged_fraction > 0 and start > 0 and 0 <= level <= self.converged_fraction * start
