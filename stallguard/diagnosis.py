@@ -244,6 +244,26 @@ def _frozen_by_underflow(e: Event) -> bool:
     )
 
 
+def _scalar_bottleneck(e: Event) -> bool:
+    """A ``capacity_limited`` bottleneck of one unit before three or more outputs."""
+    widths = e.data.get("widths") or ()
+    return (
+        e.data.get("reason") == "bottleneck"
+        and min((_num(w) for w in widths), default=math.inf) <= 1
+        and _num(e.data.get("outputs"), 0.0) >= 3
+    )
+
+
+def _bottleneck_activations(f: _Facts) -> set[str]:
+    """The activation layers right after a bottleneck that CapacityCheck reported."""
+    return {
+        str(a)
+        for e in f.all("capacity_limited")
+        if e.data.get("reason") == "bottleneck"
+        for a in e.data.get("activations") or ()
+    }
+
+
 def _finite_ratio(e: Event) -> bool:
     """False for an update-ratio event whose ratio is NaN/Inf: it measures NaN weights, not the step size."""
     ratio = _num(e.data.get("median_ratio", e.data.get("ratio", 0.0)), 0.0)
@@ -607,12 +627,15 @@ def _capacity(f: _Facts) -> _Finding | None:
     if not struct:
         return None
     stall = f.first("plateau", "loss_at_chance", "predictions_collapsed")
-    if stall is None:
+    # A one-unit layer before three or more outputs is a defect on its own: the loss may creep down, but
+    # every output stays an affine function of one number. Other structural limits need a stall.
+    scalar = [e for e in struct if _scalar_bottleneck(e)]
+    if stall is None and not scalar:
         return None
     return _Finding(
         "insufficient_capacity",
-        _combine(*(_conf(e, 0.3) for e in struct), 0.5),
-        sorted([*struct, stall], key=lambda e: e.step),
+        _combine(*(_conf(e, 0.3) for e in struct), 0.5 if stall is not None else 0.0, 0.4 if scalar else 0.0),
+        sorted([*struct, *([stall] if stall is not None else [])], key=lambda e: e.step),
         "The model cannot represent the task: add non-linear hidden layers, widen the narrow layers (at least "
         "as wide as the outputs), or use an architecture suited to the data (convolutions for images).",
     )
@@ -713,6 +736,13 @@ def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
         "non_finite",
         "NaN weights make every unit look dead",
         when=starts_before("non_finite", "dying_relu"),
+    )
+    dead = {str(n) for e in f.all("dead_units") for n in e.data.get("layers") or ()}
+    below(
+        "dying_relu",
+        "insufficient_capacity",
+        "the dead units are the few of a bottleneck, where one dead unit cuts the signal",
+        when=bool(dead) and dead <= _bottleneck_activations(f),
     )
     for root in ("unnormalized_inputs", "bad_init"):
         below("saturated_activations", root, f"{root} drives the units into saturation")

@@ -254,7 +254,8 @@ def test_bf16_weights_with_tiny_updates_underflow() -> None:
     assert ev and "weight" in list(ev[0].data["params"]) and ev[0].causes == ("lr_too_low",)
 
 
-def test_model_weights_untouched_without_optimizer_hooks() -> None:
+@pytest.mark.parametrize("observe", [False, True])
+def test_model_weights_untouched_without_optimizer_hooks(observe: bool) -> None:
     # attach_optimizer=False and no optimizer: the Guard watches the model's own parameters.
     x, y = regression_data()
     model = TwoLayer()
@@ -264,13 +265,50 @@ def test_model_weights_untouched_without_optimizer_hooks() -> None:
     for _ in range(10):
         opt.zero_grad()
         model.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if observe:  # the loss stays where it started: not converged, so still reported
+            guard.observe(loss)
         guard.before_step()
         opt.step()
         guard.after_step()
     guard.close()
     ev = of_kind(guard, "weights_frozen")
     assert ev and ev[0].data["reason"] == "not_updated"
+
+
+def converged_run(hook: sg.StaleParams) -> tuple[sg.Guard, float]:
+    """Adam on four well-separated classes: the float32 loss is exactly 0 on most batches by step 100."""
+    g = torch.Generator().manual_seed(4)
+    centers = 4.0 * torch.randn(4, 16, generator=g)
+    y = torch.randint(0, 4, (512,), generator=g)
+    x = centers[y] + torch.randn(512, 16, generator=g)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = sg.Guard(model, opt, hooks=[hook], sinks=[], check_every=50, strict=True)
+    batches = torch.Generator().manual_seed(2)
+    losses = []
+    for _ in range(300):
+        idx = torch.randint(0, 512, (64,), generator=batches)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        guard.observe(loss)
+        opt.step()
+        losses.append(loss.detach())
+    guard.close()
+    return guard, float(torch.stack(losses[-100:]).max())
+
+
+def test_weights_at_rest_after_the_loss_converged_are_not_frozen() -> None:
+    guard, late = converged_run(sg.StaleParams())
+    assert late < 1e-6
+    assert of_kind(guard, "weights_frozen") == []
+    # The same run with the convergence test off: the gradients of a zero loss are too small for Adam's
+    # updates to show in float32, which reads as weights the optimizer step does not touch.
+    guard, _ = converged_run(sg.StaleParams(converged_fraction=0.0))
+    assert {e.data["reason"] for e in of_kind(guard, "weights_frozen")} == {"not_updated"}
 
 
 # ----------------------------------------------------------------------------- NonFinite
@@ -403,6 +441,7 @@ def test_repair_mode_skips_once_and_reports_each_role_once() -> None:
         (sg.StaleParams, {"min_fraction": 2.0}),
         (sg.StaleParams, {"update_every": -1}),
         (sg.StaleParams, {"min_samples": 0}),
+        (sg.StaleParams, {"converged_fraction": 1.5}),
         (sg.NonFinite, {"param_every": -1}),
         (sg.NonFinite, {"check_inputs": "yes"}),
     ],

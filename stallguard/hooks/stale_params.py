@@ -45,13 +45,18 @@ class StaleParams(Hook):
       check interval (at least ``min_samples`` sampled steps) is reported as ``weights_frozen`` with
       ``reason``: ``"lr_zero"`` (its param group's learning rate was 0 on every sampled step),
       ``"update_underflow"`` (a float16/bfloat16 weight: the update rounds away; cause
-      ``lr_too_low``) or ``"not_updated"`` (anything else: the step does not touch it).
+      ``lr_too_low``) or ``"not_updated"`` (anything else: the step does not touch it). The last
+      two are not reported while the loss has converged (the check interval's median observed loss
+      at most ``converged_fraction`` of the first losses): gradients of a loss at its floor are too
+      small for any update to show, which is a finished run, not a stuck one.
 
     Args:
         warmup: Steps over which a missing ``.grad`` counts as a bug.
         min_fraction: Share of the trainable elements that missing gradients must reach for a warning.
         update_every: Measure the applied update every this many steps (0: never, no ``weights_frozen``).
         min_samples: Sampled steps in a check interval needed to call a weight frozen.
+        converged_fraction: A loss level (median over the check interval) at most this fraction of
+            the first observed losses counts as converged, as in PlateauDetector; in [0, 1] (0: off).
         **kwargs: ``every``, ``start_step``, ``name`` (see :class:`~stallguard.Hook`).
 
     Example:
@@ -72,6 +77,7 @@ class StaleParams(Hook):
         min_fraction: float = 0.01,
         update_every: int = 10,
         min_samples: int = 2,
+        converged_fraction: float = 0.01,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -80,10 +86,13 @@ class StaleParams(Hook):
         self.warmup = check_int(owner, "warmup", warmup, min=1)
         self.min_fraction = check_float(owner, "min_fraction", min_fraction, min=0.0, max=1.0)
         self.min_samples = check_int(owner, "min_samples", min_samples, min=1)
+        self.converged_fraction = check_float(owner, "converged_fraction", converged_fraction, min=0.0, max=1.0)
         self.add_state("warmup_steps", 0)
         self.add_state("grads_decided", False)
         self.add_state("missing", {})  # name -> [steps seen, steps without .grad] during the warm-up
         self.add_state("reported_frozen", [])
+        self.add_state("loss_seen", 0)  # loss observations read so far
+        self.add_state("loss_start", None)  # the median of the first observed losses
         self._pending_state: dict[str, Any] | None = None
         self._slots = Slots()
         self._params: dict[str, Tensor] = {}
@@ -232,8 +241,20 @@ class StaleParams(Hook):
     def on_check(self, check: CheckContext) -> None:
         if not self.grads_decided and (self.warmup_steps >= self.warmup or (check.final and self.warmup_steps >= 2)):
             self._decide_grads()
-        self._decide_frozen(check.values)
+        self._decide_frozen(check.values, converged=self._loss_converged(check))
         self._lr_zero = {}
+
+    def _loss_converged(self, check: CheckContext) -> bool:
+        """Whether the loss observed since the last check point sits at its floor (host numbers only)."""
+        _, values, self.loss_seen = check.unread("loss", self.loss_seen)
+        finite = values[np.isfinite(values)]
+        if self.loss_start is None and finite.size:
+            self.loss_start = float(np.median(finite[:10]))
+        if values.size == 0 or finite.size < values.size:
+            return False  # nothing observed, or NaN/Inf in the interval: not a converged loss
+        level = float(np.median(values))
+        start = self.loss_start
+        return self.converged_fraction > 0 and start > 0 and 0 <= level <= self.converged_fraction * start
 
     def _remove_forward_hooks(self) -> None:
         for h in self._forward_handles:
@@ -282,7 +303,7 @@ class StaleParams(Hook):
                 reason=reason,
             )
 
-    def _decide_frozen(self, v: dict[str, Any]) -> None:
+    def _decide_frozen(self, v: dict[str, Any], converged: bool = False) -> None:
         sampled = np.asarray(v["sampled"], dtype=np.float64).reshape(-1)
         moved = np.asarray(v["moved"], dtype=np.float64).reshape(-1)
         graded = np.asarray(v["graded"], dtype=np.float64).reshape(-1)
@@ -297,6 +318,8 @@ class StaleParams(Hook):
                 reason = "lr_zero"
             elif graded[j] < sampled[j]:
                 continue  # no gradient on some sampled step: nothing asked it to move
+            elif converged:
+                continue  # a loss at its floor has gradients too small to move anything: done, not stuck
             elif p.dtype in _LOW_PRECISION:
                 reason = "update_underflow"
             else:
