@@ -82,8 +82,16 @@ class TargetStats(Hook):
       lies below the first). A model that learns falls far below chance within such a window. It
       assumes a mean cross-entropy (or binary cross-entropy) loss passed to ``observe``.
 
-    ``predictions_collapsed`` and ``loss_at_chance`` name ``class_imbalance`` as their cause when the
-    labels are imbalanced (ratio at least ``imbalance_ratio``), ``no_signal`` otherwise;
+    * ``val_loss_at_chance`` (warning, once): the loop observes a validation loss
+      (``guard.observe(val_loss=...)``, the stream named by ``val_monitor``); after
+      ``min_validations`` of them, none has come clearly below the chance level (``margin``) while the
+      median of the last 50 training losses has: the model fits its training labels, and nothing of it
+      carries over to held-out data. That is what labels without a learnable relation to the inputs
+      give (the model memorizes them); an overfitting model first gets below chance on held-out data
+      too, then rises. It assumes the held-out labels follow the training label distribution.
+
+    ``predictions_collapsed``, ``loss_at_chance`` and ``val_loss_at_chance`` name ``class_imbalance`` as
+    their cause when the labels are imbalanced (ratio at least ``imbalance_ratio``), ``no_signal`` otherwise;
     ``minority_underpredicted`` always names ``class_imbalance``.
 
     Args:
@@ -99,8 +107,11 @@ class TargetStats(Hook):
             label share would give it is under-predicted.
         margin: Relative distance from the chance level that counts as "at chance".
         fall: Largest fall below the chance level (relative) that a loss starting at chance may show over
-            ``patience`` steps and still count as at chance (memorization); at least ``margin``.
+            ``patience`` steps and still count as at chance (memorization); at least ``margin``. None:
+            twice ``margin``.
         patience: Observed losses (steps) the loss must stay at chance.
+        val_monitor: The validation-loss stream compared with the chance level.
+        min_validations: Validations observed before the validation loss is judged.
         ignore_index: A label value that marks positions to ignore (as in ``cross_entropy``).
         start_step: Count no step before this one.
         name: Name used as the event source.
@@ -135,8 +146,10 @@ class TargetStats(Hook):
         collapse_patience: int = 100,
         underpredict_fraction: float = 0.25,
         margin: float = 0.05,
-        fall: float = 0.1,
+        fall: float | None = None,
         patience: int = 200,
+        val_monitor: str = "val_loss",
+        min_validations: int = 3,
         ignore_index: int = -100,
         start_step: int = 0,
         name: str | None = None,
@@ -154,10 +167,16 @@ class TargetStats(Hook):
             owner, "underpredict_fraction", underpredict_fraction, min=0.0, max=1.0, min_open=True, max_open=True
         )
         self.margin = check_float(owner, "margin", margin, min=0.0, max=1.0, min_open=True, max_open=True)
-        self.fall = check_float(owner, "fall", fall, min=0.0, max=1.0, max_open=True)
+        # Twice the margin by default: a loss memorizing random labels falls a few percent of chance per
+        # hundred steps (the zoo's MLP and CNN: 5-8% over 200 steps); a learning model falls far more.
+        self.fall = 2.0 * self.margin if fall is None else check_float(owner, "fall", fall, max=1.0, max_open=True)
         if self.fall < self.margin:
             raise ValueError(f"{owner}: fall must be at least margin ({self.margin!r}), got {fall!r}")
         self.patience = check_int(owner, "patience", patience, min=5)
+        if not isinstance(val_monitor, str) or not val_monitor:
+            raise ValueError(f"{owner}: val_monitor must be a non-empty str (a stream name), got {val_monitor!r}")
+        self.val_monitor = val_monitor
+        self.min_validations = check_int(owner, "min_validations", min_validations, min=1)
         self.ignore_index = check_int(owner, "ignore_index", ignore_index)
         # Host state: the task seen, what was reported, the episodes in progress.
         self.add_state("task", None)
@@ -171,6 +190,10 @@ class TargetStats(Hook):
         self.add_state("under_reported", False)
         self.add_state("chance_reported", False)
         self.add_state("imbalance", None)
+        self.add_state("val_consumed", 0)  # validation values already read (Series.total)
+        self.add_state("val_count", 0)
+        self.add_state("val_best", None)
+        self.add_state("val_reported", False)
         self._skipped: str | None = None
 
     # ----------------------------------------------------------------- per step (host decisions on shapes only)
@@ -309,6 +332,7 @@ class TargetStats(Hook):
         self._check_collapse(v, imbalanced, start, check.step, loss, chance)
         self._check_underpredicted(v, imbalanced, start, check.step)
         self._check_chance(check, counts, imbalanced)
+        self._check_val_chance(check, chance, imbalanced)
 
     def _report_out_of_range(self, v: dict[str, Any], total: float) -> None:
         new = total - self.out_of_range_seen
@@ -431,7 +455,8 @@ class TargetStats(Hook):
         if self.under_start is None:
             self.under_start = start
         lasted = step - self.under_start
-        if lasted < self.collapse_patience or self.under_reported:
+        # A collapse onto one class already says it (and more): one report, not two.
+        if lasted < self.collapse_patience or self.under_reported or self.collapse_reported:
             return
         self.under_reported = True
         classes = np.flatnonzero(under)[:_LIST]
@@ -453,6 +478,42 @@ class TargetStats(Hook):
             since_step=self.under_start,
             steps=lasted,
             threshold=self.underpredict_fraction,
+        )
+
+    def _check_val_chance(self, check: CheckContext, chance: float, imbalanced: bool) -> None:
+        _, values, self.val_consumed = check.unread(self.val_monitor, self.val_consumed)
+        finite = values[np.isfinite(values)]
+        if len(finite):
+            self.val_count += len(finite)
+            low = float(finite.min())
+            self.val_best = low if self.val_best is None else min(self.val_best, low)
+        if self.val_reported or self.val_best is None or self.val_count < self.min_validations or chance <= 0:
+            return
+        bar = (1.0 - self.margin) * chance
+        if self.val_best < bar:
+            return  # held-out data beat chance once: the labels carry signal (a later rise is Overfit's)
+        train = check.guard.series("loss").last(50) if check.guard.has_series("loss") else np.zeros(0)
+        train = train[np.isfinite(train)]
+        # A training loss at chance too is loss_at_chance's finding; this one is for a model that fits.
+        if not len(train) or not float(np.median(train)) < bar:
+            return
+        self.val_reported = True
+        now = float(np.median(train))
+        self.emit(
+            "val_loss_at_chance",
+            "warning",
+            f"{self.val_monitor} has never come below chance level ({self.val_best:.4g} at best vs {chance:.4g}, the "
+            f"entropy of the label distribution, over {self.val_count} validations) while the training loss fell to "
+            f"{now:.4g}: the model memorizes its training labels and learns nothing that carries over",
+            causes=("class_imbalance" if imbalanced else "no_signal",),
+            confidence=0.75,
+            monitor=self.val_monitor,
+            val_best=self.val_best,
+            validations=self.val_count,
+            train_loss=now,
+            chance=chance,
+            margin=self.margin,
+            imbalanced=imbalanced,
         )
 
     def _check_chance(self, check: CheckContext, counts: np.ndarray, imbalanced: bool) -> None:
