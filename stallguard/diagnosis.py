@@ -103,37 +103,19 @@ class _Facts:
         """Forget ``loss_at_chance`` reports that the run has since left behind.
 
         A model that sat at the chance level for a while and then learned (a slow start) is not stuck:
-        when the recent losses lie clearly below the chance level the event quoted (twice its margin)
-        and fell there faster than the report allowed (twice its ``max_fall`` per its ``steps``), the
-        report is history, not evidence. A loss that keeps creeping down at the report's own slow pace
-        is a model memorizing labels it cannot predict: that report stands.
+        when the recent losses lie clearly below the chance level the event quoted (twice its margin),
+        the report is history, not evidence.
         """
         reports = self.by_kind.get("loss_at_chance")
         recent = self._recent_loss()
         if not reports or math.isnan(recent):
             return
-        now = self._last_loss_step()
         kept = []
         for e in reports:
             chance, margin = _num(e.data.get("chance")), _num(e.data.get("margin"), 0.05)
             if not (math.isfinite(chance) and recent < (1.0 - 2.0 * margin) * chance):
                 kept.append(e)
-                continue
-            means = e.data.get("block_means") or ()
-            then = _num(means[-1]) if means else _num(e.data.get("loss"))
-            window = max(1.0, _num(e.data.get("steps"), 200.0))
-            pace = _num(e.data.get("max_fall"), 2.0 * margin) / window  # the fall per step the report allowed
-            # Over at least 50 steps: the recent median spans the last 50 losses.
-            since = max(50.0, float(now - e.step))
-            if math.isfinite(then) and (then - recent) / chance <= 2.0 * pace * since:
-                kept.append(e)
         self.by_kind["loss_at_chance"] = kept
-
-    def _last_loss_step(self) -> int:
-        if self.guard is None or not self.guard.has_series("loss"):
-            return 0
-        steps = self.guard.series("loss").steps
-        return int(steps[-1]) if len(steps) else 0
 
     def all(self, *kinds: str) -> list[Event]:
         """Every event of these kinds, in time order."""

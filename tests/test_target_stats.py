@@ -101,9 +101,11 @@ def test_memorized_random_labels_leave_chance_only_slowly() -> None:
     (e,) = events_of(guard, "loss_at_chance")
     assert e.step == 200 and e.causes == ("no_signal",)
     assert 0.05 < e.data["fall"] <= 0.1 and "slowly" in e.message  # beyond the margin, within the allowed fall
+    # By the end it lies clearly below chance; from the training loss alone that is also what a slow
+    # learner looks like (tests/test_healthy_runs.py), so the diagnosis reads the report as history.
     recent = float(torch.tensor(guard.series("loss").last(50)).median())
-    assert recent < 0.9 * e.data["chance"]  # by the end it lies clearly below chance ...
-    assert guard.diagnose()[0].cause == "no_signal"  # ... at the slow pace of memorization: still no signal
+    assert recent < 0.9 * e.data["chance"]
+    assert guard.diagnose() == []
 
 
 def test_the_same_set_with_learnable_labels_is_quiet() -> None:
