@@ -294,6 +294,8 @@ def test_state_dict_round_trip_through_torch_save() -> None:
     fresh.load_state_dict(state["hooks"]["TargetStats"])
     assert fresh.task == "multiclass" and fresh.n_classes == 2 and fresh.reported == hook.reported
     assert torch.equal(fresh.labels, hook.labels) and fresh.collapse_start == hook.collapse_start
+    assert (fresh.under_start, fresh.under_reported) == (hook.under_start, hook.under_reported)
+    assert (fresh.val_consumed, fresh.val_count, fresh.val_best) == (hook.val_consumed, hook.val_count, hook.val_best)
     model = mlp(classes=2)
     g2 = sg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.0), hooks=[fresh], sinks=[])
     g2.load_state_dict(state)
