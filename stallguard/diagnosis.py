@@ -502,8 +502,10 @@ def _class_imbalance(f: _Facts) -> _Finding | None:
     imb = f.all("class_imbalance")
     if not imb:
         return None
-    # TargetStats names class_imbalance as the cause of a collapse or a loss at chance on imbalanced labels.
-    collapsed = [e for e in f.all("predictions_collapsed", "loss_at_chance") if "no_signal" not in e.causes]
+    # TargetStats names class_imbalance as the cause of a collapse or a loss at chance on imbalanced labels,
+    # and of minority classes predicted far below their label share while the loss falls.
+    kinds = ("predictions_collapsed", "loss_at_chance", "minority_underpredicted")
+    collapsed = [e for e in f.all(*kinds) if "no_signal" not in e.causes]
     if not collapsed and not f.stalled:
         return None  # imbalanced data that is being learned fine is not a failure
     return _Finding(
@@ -591,6 +593,9 @@ def _exploding(f: _Facts) -> _Finding | None:
 def _no_signal(f: _Facts) -> _Finding | None:
     # A loss at chance that its emitter puts down to imbalanced labels is class_imbalance's evidence.
     chance = [e for e in f.all("loss_at_chance") if "class_imbalance" not in e.causes]
+    # A held-out loss that never beat chance while the training loss fell: memorized labels.
+    chance += [e for e in f.all("val_loss_at_chance") if "class_imbalance" not in e.causes]
+    chance.sort(key=lambda ev: ev.step)
     constant = [e for e in f.all("constant_features") if "no_signal" in e.causes]
     collapsed = [e for e in f.all("predictions_collapsed") if "no_signal" in e.causes]
     # Targets that cannot line up with the outputs carry no learnable relation, whatever the loss does.
@@ -609,7 +614,7 @@ def _no_signal(f: _Facts) -> _Finding | None:
     if f.has("bad_init", "grads_missing", "optimizer_params_not_in_model", "weights_frozen"):
         confidence *= 0.5
     e = (chance or constant)[0]
-    loss, level = _num(e.data.get("loss")), _num(e.data.get("chance"))
+    loss, level = _num(e.data.get("loss", e.data.get("val_best"))), _num(e.data.get("chance"))
     detail = f" (loss {_fmt(loss)} vs chance {_fmt(level)})" if not math.isnan(level) else ""
     return _Finding(
         "no_signal",
@@ -807,6 +812,12 @@ def _explain(findings: dict[str, _Finding], f: _Facts) -> None:
             "no_signal", root, f"{', '.join(stallers)} keep(s) the model from learning, which leaves the loss at chance"
         )
     below("class_imbalance", "no_signal", "a stuck model predicts the majority class")
+    below(
+        "overfitting",
+        "no_signal",
+        "the validation loss never beat chance: there was no fit to held-out data to lose",
+        when=any("no_signal" in e.causes for e in f.all("val_loss_at_chance")),
+    )
 
 
 def diagnose(events: Sequence[Event], guard: Guard | None = None) -> list[Diagnosis]:

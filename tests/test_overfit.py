@@ -203,3 +203,46 @@ def test_bad_arguments(kwargs: dict, error: type, text: str) -> None:
 def test_registered_as_default_monitor() -> None:
     assert type(sg.create("overfit", patience=5)) is sg.Overfit
     assert any(isinstance(h, sg.Overfit) for h in sg.default_hooks())
+
+
+def classify(random: bool) -> sg.Guard:
+    """A wide MLP on 96 four-class samples (30% of them mislabelled, or all labels random), validated every 10 steps."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 32, generator=g) * 0.5
+    y = torch.randint(0, 4, (608,), generator=g)
+    x = centers[y] + torch.randn(608, 32, generator=g)
+    flip = torch.rand(96, generator=g) < 0.3
+    yt = torch.where(flip, torch.randint(0, 4, (96,), generator=g), y[:96])
+    if random:
+        yt, y = torch.randint(0, 4, (96,), generator=g), torch.randint(0, 4, (608,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    guard = sg.Guard(model, opt, sinks=[], check_every=50, strict=True)
+    for step in range(1, 301):
+        idx = torch.randint(0, 96, (32,), generator=g)
+        out = model(x[idx])
+        loss = nn.functional.cross_entropy(out, yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        guard.observe(loss, inputs=x[idx], outputs=out, targets=yt[idx])
+        opt.step()
+        if step % 10 == 0:
+            with torch.no_grad():
+                guard.observe(val_loss=nn.functional.cross_entropy(model(x[96:]), y[96:]))
+    guard.close()
+    return guard
+
+
+def test_a_classifier_that_overfits_after_beating_chance_is_overfitting() -> None:
+    guard = classify(random=False)
+    assert overfitting(guard) and "val_loss_at_chance" not in [e.kind for e in guard.events]
+    assert guard.diagnose()[0].cause == "overfitting"
+
+
+def test_a_classifier_on_random_labels_is_no_signal_not_overfitting() -> None:
+    # Its validation loss rises while the training loss falls, as in overfitting, but it never beat chance.
+    guard = classify(random=True)
+    assert overfitting(guard) and "val_loss_at_chance" in [e.kind for e in guard.events]
+    ranked = [d.cause for d in guard.diagnose()]
+    assert ranked[0] == "no_signal" and ranked.index("overfitting") > 0

@@ -24,6 +24,8 @@ from ..stats import CheckContext, Observation
 __all__ = ["TargetStats"]
 
 _LIST = 20
+# Predictions a minority class would get at its label share, below which one interval cannot tell a miss.
+_MIN_EXPECTED = 8.0
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -62,14 +64,35 @@ class TargetStats(Hook):
       ``collapse_patience`` steps or more, at least ``collapse_fraction`` of the predictions fall on
       one class and the other classes get less than a tenth of the predictions their label share would
       give them (a fresh model often predicts one class for a few dozen steps before it learns);
+    * ``minority_underpredicted`` (warning, once per episode): on imbalanced labels, in every check
+      interval of the last ``collapse_patience`` steps or more, a minority class (one with less than
+      its even share ``1/C`` of the labels) gets less than ``underpredict_fraction`` of the
+      predictions its label share would give it, while the majority takes them. Unlike
+      ``predictions_collapsed`` it does not ask the loss to stay at chance: a model that ignores a
+      rare class still lowers the mean loss by fitting the common one, so the loss falls while the
+      rare class is missed. A model that learns the imbalanced labels predicts each class near its
+      label share within a few intervals, and stays quiet.
     * ``loss_at_chance`` (warning): the mean training loss of each of five consecutive blocks of the
-      last ``patience`` observed losses lies within ``margin`` (relative) of the chance level, the
-      entropy of the label distribution in nats: the loss of a model that predicts the label
-      frequencies whatever the input. It assumes a mean cross-entropy (or binary cross-entropy) loss
-      passed to ``observe``.
+      last ``patience`` observed losses lies near the chance level, the entropy of the label
+      distribution in nats: the loss of a model that predicts the label frequencies whatever the
+      input. The first block lies within ``margin`` (relative) of it, no block lies more than
+      ``margin`` above it or more than ``fall`` below it. A loss that stays flat at chance passes; so
+      does one that leaves chance only slowly, which is what a model does when it memorizes labels
+      that carry no information about the inputs (the data key ``fall`` says how far the last block
+      lies below the first). A model that learns falls far below chance within such a window. It
+      assumes a mean cross-entropy (or binary cross-entropy) loss passed to ``observe``.
 
-    ``predictions_collapsed`` and ``loss_at_chance`` name ``class_imbalance`` as their cause when the
-    labels are imbalanced (ratio at least ``imbalance_ratio``), ``no_signal`` otherwise.
+    * ``val_loss_at_chance`` (warning, once): the loop observes a validation loss
+      (``guard.observe(val_loss=...)``, the stream named by ``val_monitor``); after
+      ``min_validations`` of them, none has come clearly below the chance level (``margin``) while the
+      median of the last 50 training losses has: the model fits its training labels, and nothing of it
+      carries over to held-out data. That is what labels without a learnable relation to the inputs
+      give (the model memorizes them); an overfitting model first gets below chance on held-out data
+      too, then rises. It assumes the held-out labels follow the training label distribution.
+
+    ``predictions_collapsed``, ``loss_at_chance`` and ``val_loss_at_chance`` name ``class_imbalance`` as
+    their cause when the labels are imbalanced (ratio at least ``imbalance_ratio``), ``no_signal`` otherwise;
+    ``minority_underpredicted`` always names ``class_imbalance``.
 
     Args:
         every: Count the observations of every this many optimizer steps.
@@ -78,9 +101,17 @@ class TargetStats(Hook):
         max_classes: Above this many classes (token vocabularies, which are skewed by nature) the
             imbalance is not judged.
         collapse_fraction: Share of predictions on one class that counts as collapsed.
-        collapse_patience: Optimizer steps the collapse must last, over whole check intervals.
+        collapse_patience: Optimizer steps the collapse (or the under-prediction of a minority class)
+            must last, over whole check intervals.
+        underpredict_fraction: A minority class that gets less than this fraction of the predictions its
+            label share would give it is under-predicted.
         margin: Relative distance from the chance level that counts as "at chance".
+        fall: Largest fall below the chance level (relative) that a loss starting at chance may show over
+            ``patience`` steps and still count as at chance (memorization); at least ``margin``. None:
+            twice ``margin``.
         patience: Observed losses (steps) the loss must stay at chance.
+        val_monitor: The validation-loss stream compared with the chance level.
+        min_validations: Validations observed before the validation loss is judged.
         ignore_index: A label value that marks positions to ignore (as in ``cross_entropy``).
         start_step: Count no step before this one.
         name: Name used as the event source.
@@ -113,8 +144,12 @@ class TargetStats(Hook):
         max_classes: int = 100,
         collapse_fraction: float = 0.95,
         collapse_patience: int = 100,
+        underpredict_fraction: float = 0.25,
         margin: float = 0.05,
+        fall: float | None = None,
         patience: int = 200,
+        val_monitor: str = "val_loss",
+        min_validations: int = 3,
         ignore_index: int = -100,
         start_step: int = 0,
         name: str | None = None,
@@ -128,8 +163,20 @@ class TargetStats(Hook):
             owner, "collapse_fraction", collapse_fraction, min=0.5, max=1.0, min_open=True
         )
         self.collapse_patience = check_int(owner, "collapse_patience", collapse_patience, min=1)
+        self.underpredict_fraction = check_float(
+            owner, "underpredict_fraction", underpredict_fraction, min=0.0, max=1.0, min_open=True, max_open=True
+        )
         self.margin = check_float(owner, "margin", margin, min=0.0, max=1.0, min_open=True, max_open=True)
+        # Twice the margin by default: a loss memorizing random labels falls a few percent of chance per
+        # hundred steps (the zoo's MLP and CNN: 5-8% over 200 steps); a learning model falls far more.
+        self.fall = 2.0 * self.margin if fall is None else check_float(owner, "fall", fall, max=1.0, max_open=True)
+        if self.fall < self.margin:
+            raise ValueError(f"{owner}: fall must be at least margin ({self.margin!r}), got {fall!r}")
         self.patience = check_int(owner, "patience", patience, min=5)
+        if not isinstance(val_monitor, str) or not val_monitor:
+            raise ValueError(f"{owner}: val_monitor must be a non-empty str (a stream name), got {val_monitor!r}")
+        self.val_monitor = val_monitor
+        self.min_validations = check_int(owner, "min_validations", min_validations, min=1)
         self.ignore_index = check_int(owner, "ignore_index", ignore_index)
         # Host state: the task seen, what was reported, the episodes in progress.
         self.add_state("task", None)
@@ -139,8 +186,14 @@ class TargetStats(Hook):
         self.add_state("collapse_start", None)
         self.add_state("last_check", 0)
         self.add_state("collapse_reported", False)
+        self.add_state("under_start", None)
+        self.add_state("under_reported", False)
         self.add_state("chance_reported", False)
         self.add_state("imbalance", None)
+        self.add_state("val_consumed", 0)  # validation values already read (Series.total)
+        self.add_state("val_count", 0)
+        self.add_state("val_best", None)
+        self.add_state("val_reported", False)
         self._skipped: str | None = None
 
     # ----------------------------------------------------------------- per step (host decisions on shapes only)
@@ -277,7 +330,9 @@ class TargetStats(Hook):
             # minority samples score low), and their mean is what equals the chance level.
             loss = float(np.mean(recent)) if len(recent) else math.nan
         self._check_collapse(v, imbalanced, start, check.step, loss, chance)
+        self._check_underpredicted(v, imbalanced, start, check.step)
         self._check_chance(check, counts, imbalanced)
+        self._check_val_chance(check, chance, imbalanced)
 
     def _report_out_of_range(self, v: dict[str, Any], total: float) -> None:
         new = total - self.out_of_range_seen
@@ -377,6 +432,90 @@ class TargetStats(Hook):
             chance=chance,
         )
 
+    def _check_underpredicted(self, v: dict[str, Any], imbalanced: bool, start: int, step: int) -> None:
+        if not imbalanced:
+            self.under_start, self.under_reported = None, False
+            return
+        preds = np.asarray(v["window_preds"], dtype=np.float64).reshape(-1)
+        labels = np.asarray(v["window_labels"], dtype=np.float64).reshape(-1)
+        n, m = preds.sum(), labels.sum()
+        if n <= 0 or m <= 0:
+            return
+        label_share = labels / m
+        expected = label_share * n  # predictions a class would get at its label share
+        # Minority classes with enough expected predictions in this interval to tell a miss from chance;
+        # an interval that cannot tell neither starts nor ends an episode.
+        told = (labels > 0) & (label_share < 1.0 / len(labels)) & (expected >= _MIN_EXPECTED)
+        if not told.any():
+            return
+        under = told & (preds < self.underpredict_fraction * expected)
+        if not under.any():
+            self.under_start, self.under_reported = None, False
+            return
+        if self.under_start is None:
+            self.under_start = start
+        lasted = step - self.under_start
+        # A collapse onto one class already says it (and more): one report, not two.
+        if lasted < self.collapse_patience or self.under_reported or self.collapse_reported:
+            return
+        self.under_reported = True
+        classes = np.flatnonzero(under)[:_LIST]
+        worst = int(classes[np.argmin(preds[classes] / expected[classes])])
+        pred_share = preds / n
+        self.emit(
+            "minority_underpredicted",
+            "warning",
+            f"class {worst} holds {label_share[worst]:.1%} of the labels but gets {pred_share[worst]:.1%} of the "
+            f"predictions (for {lasted} steps, {len(classes)} minority class(es) below "
+            f"{self.underpredict_fraction:.0%} of their share): the model fits the common classes and misses "
+            "the rare ones",
+            causes=("class_imbalance",),
+            confidence=0.7,
+            classes=[int(c) for c in classes],
+            pred_fractions=[float(x) for x in pred_share[: self.max_classes]],
+            label_fractions=[float(x) for x in label_share[: self.max_classes]],
+            samples=int(n),
+            since_step=self.under_start,
+            steps=lasted,
+            threshold=self.underpredict_fraction,
+        )
+
+    def _check_val_chance(self, check: CheckContext, chance: float, imbalanced: bool) -> None:
+        _, values, self.val_consumed = check.unread(self.val_monitor, self.val_consumed)
+        finite = values[np.isfinite(values)]
+        if len(finite):
+            self.val_count += len(finite)
+            low = float(finite.min())
+            self.val_best = low if self.val_best is None else min(self.val_best, low)
+        if self.val_reported or self.val_best is None or self.val_count < self.min_validations or chance <= 0:
+            return
+        bar = (1.0 - self.margin) * chance
+        if self.val_best < bar:
+            return  # held-out data beat chance once: the labels carry signal (a later rise is Overfit's)
+        train = check.guard.series("loss").last(50) if check.guard.has_series("loss") else np.zeros(0)
+        train = train[np.isfinite(train)]
+        # A training loss at chance too is loss_at_chance's finding; this one is for a model that fits.
+        if not len(train) or not float(np.median(train)) < bar:
+            return
+        self.val_reported = True
+        now = float(np.median(train))
+        self.emit(
+            "val_loss_at_chance",
+            "warning",
+            f"{self.val_monitor} has never come below chance level ({self.val_best:.4g} at best vs {chance:.4g}, the "
+            f"entropy of the label distribution, over {self.val_count} validations) while the training loss fell to "
+            f"{now:.4g}: the model memorizes its training labels and learns nothing that carries over",
+            causes=("class_imbalance" if imbalanced else "no_signal",),
+            confidence=0.75,
+            monitor=self.val_monitor,
+            val_best=self.val_best,
+            validations=self.val_count,
+            train_loss=now,
+            chance=chance,
+            margin=self.margin,
+            imbalanced=imbalanced,
+        )
+
     def _check_chance(self, check: CheckContext, counts: np.ndarray, imbalanced: bool) -> None:
         guard = check.guard
         if not guard.has_series("loss"):
@@ -391,7 +530,10 @@ class TargetStats(Hook):
         # with few minority samples score low), and it is their mean that equals the chance level.
         blocks = np.array_split(losses, 5)
         means = [float(np.mean(b)) for b in blocks]
-        at = all(math.isfinite(m) and abs(m - chance) <= self.margin * chance for m in means)
+        # Starts at chance, never clearly above it, and falls at most `fall` below it: flat at chance, or
+        # the slow fall of a model memorizing labels it cannot predict (a learning model drops far lower).
+        lo, hi = (1.0 - self.fall) * chance, (1.0 + self.margin) * chance
+        at = all(math.isfinite(m) and lo <= m <= hi for m in means) and abs(means[0] - chance) <= self.margin * chance
         if not at:
             self.chance_reported = False
             return
@@ -399,17 +541,26 @@ class TargetStats(Hook):
             return
         self.chance_reported = True
         level = float(np.mean(losses))
+        fall = max(0.0, (means[0] - means[-1]) / chance)
         cause = "class_imbalance" if imbalanced else "no_signal"
+        how = (
+            f"stayed at chance level for {self.patience} steps"
+            if means[-1] >= (1.0 - self.margin) * chance
+            else f"left chance level only slowly over {self.patience} steps ({means[0]:.4g} -> {means[-1]:.4g}, "
+            "as when a model memorizes labels it cannot predict)"
+        )
         self.emit(
             "loss_at_chance",
             "warning",
-            f"the training loss has stayed at chance level for {self.patience} steps: {level:.4g} vs "
-            f"{chance:.4g}, the entropy of the label distribution (what predicting the label frequencies scores)",
+            f"the training loss has {how}: {level:.4g} vs {chance:.4g}, the entropy of the label distribution "
+            "(what predicting the label frequencies scores)",
             causes=(cause,),
             confidence=0.7,
             loss=level,
             chance=chance,
             margin=self.margin,
+            fall=fall,
+            max_fall=self.fall,
             block_means=means,
             steps=self.patience,
             num_classes=int(self.n_classes or 0),
