@@ -292,17 +292,20 @@ class TargetStats(Hook):
                 self.nonbinary.add_((~binary).sum())
                 labels = torch.where(binary, labels, -1.0).long()  # non-binary values count as out of range
         valid = labels != self.ignore_index
-        inside = valid & (labels >= 0) & (labels < c)
-        idx = torch.where(inside, labels, 0).long()
+        # Clamping puts every label in a class slot; the ones it moved are out of range (weight 0).
+        idx = labels.clamp(0, c - 1).long()
+        inside = valid & (idx == labels)
         w = inside.to(torch.float64)
         self.labels.index_add_(0, idx, w)
         self.window_labels.index_add_(0, idx, w)
-        self.window_preds.index_add_(0, preds, valid.to(torch.float64))
+        vw = valid.to(torch.float64)
+        self.window_preds.index_add_(0, preds, vw)
         if not tgt.is_floating_point():
-            self.out_of_range.add_((valid & ~inside).sum())
-            lv = labels.to(torch.float64)
-            self.label_min.copy_(torch.minimum(self.label_min, torch.where(valid, lv, math.inf).amin()))
-            self.label_max.copy_(torch.maximum(self.label_max, torch.where(valid, lv, -math.inf).amax()))
+            self.out_of_range.add_(vw.sum() - w.sum())
+            # Ignored positions take an in-range value, which moves neither end past an out-of-range label.
+            lo, hi = torch.aminmax(torch.where(valid, labels, idx))
+            torch.minimum(self.label_min, lo, out=self.label_min)
+            torch.maximum(self.label_max, hi, out=self.label_max)
 
     # ----------------------------------------------------------------- check points
     def on_check(self, check: CheckContext) -> None:
