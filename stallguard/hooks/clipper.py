@@ -276,7 +276,9 @@ class GradientClipper(Hook):
         history = self.norm_history[i]
         pos = self.hist_pos[i] % self.history
         self.hist_pos[i] += 1
-        history[pos] = torch.where(ok, total.to(history.dtype), history[pos])
+        # An exactly zero norm (a saturated or converged batch) says nothing about the scale of the
+        # gradients; kept, enough of them would put the percentile at 0 and zero every later step.
+        history[pos] = torch.where(ok & (total > 0), total.to(history.dtype), history[pos])
         threshold = _nan_quantile(history, self.percentile / 100.0, self.warmup)
         self.threshold[i] = threshold
         return torch.clamp(threshold / (total + _EPS), max=1.0), threshold
