@@ -52,7 +52,9 @@ class GradientClipper(Hook):
       ``torch.nn.utils.clip_grad_value_``. Whether a step was clipped is read from the step's max
       norm (one extra read of the gradients, on top of the clamp's two passes).
     * ``"adaptive"`` (AutoClip, Seetharaman et al. 2020): norm clipping at the ``percentile``-th
-      percentile of the last ``history`` finite gradient norms, the current one included. The
+      percentile of the last ``history`` finite gradient norms, the current one included (norms of
+      zero, or below a millionth of the largest in the history, are left out: they would freeze the
+      run once a model fits most batches exactly). The
       percentile is computed on the device every step. Until ``warmup`` norms have been seen, no
       step is clipped; the default, 1, clips from the second step on, as the paper does.
 
