@@ -118,6 +118,34 @@ def test_adaptive_mode_clips_at_the_percentile_of_recent_norms() -> None:
     assert events[-1].data["threshold"] == pytest.approx(np.percentile(pre[-8:], 25.0), rel=1e-5)
 
 
+def test_adaptive_mode_keeps_zero_norms_out_of_its_history() -> None:
+    # A hinge loss on separable data is exactly 0 on most batches once fitted: those steps have zero
+    # gradients. Counted in the history, they would put the 10th percentile at 0 and zero every
+    # later gradient, so the few batches that still violate the margin would never be learned.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    y = torch.sign(x[:, 0])
+    x[:, 0] += 2 * y  # a wide margin: most batches are fitted exactly after a few steps
+    y[:8] = -y[:8]  # ... but for a few mislabelled records
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    record = PrePost()
+    guard = sg.Guard(model, opt, hooks=[record, sg.GradientClipper()], sinks=[], check_every=50, strict=True)
+    for _ in range(300):
+        idx = torch.randint(0, 512, (16,), generator=g)
+        loss = torch.relu(1 - y[idx] * model(x[idx]).squeeze(1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    guard.close()
+    pre, post = np.array(record.pre), np.array(record.post)
+    assert np.mean(pre == 0) > 0.2  # the situation under test: many steps with zero gradients
+    assert np.all(post[pre > 0] > 0)  # a step with a gradient is clipped, never zeroed
+    thresholds = [e.data["threshold"] for e in guard.events if e.kind == "grad_clipped"]
+    assert thresholds and min(thresholds) > 0
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.floats(0.0, 1e6, allow_nan=False, width=32), min_size=0, max_size=40),

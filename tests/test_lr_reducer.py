@@ -223,11 +223,129 @@ def test_repair_rescues_a_run_with_lr_100x_too_high():
     assert np.median(plain[-50:]) > 0.9  # ... which stays stuck high
     assert guard is not None
     red = guard.hook(LRAutoReducer)
-    assert red is not None and red.on == ("plateau", "divergence")
+    assert red is not None and red.on == ("plateau", "divergence", "update_ratio_high")
     cuts = [e for e in guard.events if e.kind == "lr_reduced"]
     assert cuts and list(cuts[0].data["old_lr"]) == [0.1] and list(cuts[0].data["new_lr"]) == [pytest.approx(0.01)]
-    assert cuts[0].data["trigger"] in ("plateau", "divergence")
+    assert cuts[0].data["trigger"] in ("plateau", "divergence", "update_ratio_high")
     assert opt.param_groups[0]["lr"] < 0.1
+
+
+def _adam(lr: float):
+    def make(model):
+        return torch.optim.Adam(model.parameters(), lr=lr)
+
+    return make
+
+
+def test_updates_too_large_for_the_weights_cut_the_lr_at_the_first_check():
+    # Adam at 100x its usual LR: UpdateRatio sees updates 40% of the weights by the first check point,
+    # long before the loss plateaus.
+    guard, repaired, opt = _run(300, _adam(0.1))
+    _, plain, _ = _run(300, _adam(0.1), stallguard=False)
+    cuts = [e for e in guard.events if e.kind == "lr_reduced"]
+    assert [(c.step, c.data["trigger"], c.data["trigger_source"]) for c in cuts] == [
+        (50, "update_ratio_high", "UpdateRatio")
+    ]
+    assert _lrs(opt) == [pytest.approx(0.01)]
+    assert np.median(plain[-50:]) > 0.9  # stuck without the cut
+    assert np.median(repaired[-50:]) < 0.6 * np.median(plain[-50:])
+
+
+def test_healthy_run_under_repair_is_not_cut_nor_slowed():
+    guard, repaired, opt = _run(300, _adam(1e-3))
+    _, plain, _ = _run(300, _adam(1e-3), stallguard=False)
+    assert [e for e in guard.events if e.kind in ("lr_reduced", "update_ratio_high")] == []
+    assert _lrs(opt) == [1e-3]
+    assert np.median(repaired[-50:]) <= 1.05 * np.median(plain[-50:])
+
+
+class _Say(sg.Hook):
+    """Emits the events listed for each check point, one list per check point."""
+
+    def __init__(self, script: list[list[tuple[str, dict]]]) -> None:
+        super().__init__()
+        self.script = script
+        self.checks = 0
+
+    def on_check(self, check):
+        if self.checks < len(self.script):
+            for kind, data in self.script[self.checks]:
+                self.emit(kind, "warning", kind, **data)
+        self.checks += 1
+
+
+def _scripted(script: list[list[tuple[str, dict]]], steps: int, check_every: int = 10, **kwargs) -> list[float]:
+    opt = _groups_optimizer([1.0])
+    red = LRAutoReducer(on=("divergence", "update_ratio_high"), factor=0.5, **kwargs)
+    guard = sg.Guard(
+        None, opt, hooks=[_Say(script), red], sinks=[], check_every=check_every, attach_optimizer=False, strict=True
+    )
+    lrs = []
+    for _ in range(steps):
+        _drive(guard, opt, val_loss=1.0)
+        lrs.append(_lrs(opt)[0])
+    guard.close()
+    return lrs[check_every - 1 :: check_every]
+
+
+def test_evidence_measured_before_the_last_cut_is_ignored():
+    high = "update_ratio_high"
+    script = [
+        [(high, {"steps": [1, 10]})],  # cuts at step 10
+        [(high, {"steps": [5, 20]})],  # began before the cut: the old LR, ignored
+        [(high, {"steps": [11, 30]})],  # all after the cut: cuts again
+    ]
+    assert _scripted(script, 30) == [0.5, 0.5, 0.25]
+
+
+def test_sporadic_nonfinite_steps_do_not_cut_but_a_run_that_stays_nonfinite_does():
+    def divergence(bad: int) -> tuple[str, dict]:
+        return ("divergence", {"reason": "non_finite", "nonfinite": bad})
+
+    # 10 steps per check point: 2 bad batches, then 4 (below half), then 9 (a run gone NaN).
+    assert _scripted([[divergence(2)], [divergence(4)], [divergence(9)]], 30) == [1.0, 1.0, 0.5]
+    assert _scripted([[divergence(2)]], 10, nonfinite_fraction=0.0) == [0.5]  # 0: any NaN cuts
+    # A divergence for a rising loss is not about NaN: it always cuts.
+    assert _scripted([[("divergence", {"reason": "rise"})]], 10) == [0.5]
+
+
+def test_nan_records_are_skipped_without_slowing_the_run():
+    # Two records of 512 hold a NaN feature: about one batch in eight is non-finite.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=g)
+    y = (x[:, :4].sum(1) > 0).long()
+    x[[3, 100], 5] = math.nan
+
+    def run(repair: bool, nonfinite_fraction: float = 0.5) -> tuple[sg.Guard, float]:
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        hooks = [
+            *sg.default_hooks(repair=False),
+            LRAutoReducer(on=("plateau", "divergence"), nonfinite_fraction=nonfinite_fraction),
+            sg.GradientClipper(),
+        ]
+        guard = sg.Guard(model, opt, hooks=hooks, sinks=[], strict=True)
+        order = torch.Generator().manual_seed(1)
+        for _ in range(300):
+            idx = torch.randint(0, 512, (32,), generator=order)
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            guard.observe(loss)
+            opt.step()
+        guard.close()
+        with torch.no_grad():
+            clean = ~torch.isnan(x).any(1)
+            return guard, float(nn.functional.cross_entropy(model(x[clean]), y[clean]))
+
+    guard, data_aware = run(True)
+    kinds = [e.kind for e in guard.events]
+    assert "nonfinite_skipped" in kinds and "divergence" in kinds
+    assert "lr_reduced" not in kinds
+    cut_guard, cut_on_any = run(True, nonfinite_fraction=0.0)
+    assert [e.kind for e in cut_guard.events].count("lr_reduced") >= 2
+    assert data_aware < 0.5 * cut_on_any
 
 
 def test_repair_keeps_the_ratio_between_param_groups():
@@ -371,7 +489,7 @@ def test_repair_default_is_event_driven():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = sg.Guard(model, opt, repair=True, sinks=[])
     red = guard.hook(LRAutoReducer)
-    assert red is not None and red.subscribes == ("plateau", "divergence")
+    assert red is not None and red.subscribes == ("plateau", "divergence", "update_ratio_high")
     assert guard.hook(PlateauDetector) is not None
     guard.close()
     plain = sg.Guard(model, opt, sinks=[])
@@ -420,6 +538,7 @@ def test_needs_an_optimizer():
         (dict(on=[""]), ValueError, "on"),
         (dict(on=3), TypeError, "on"),
         (dict(monitor=""), ValueError, "monitor"),
+        (dict(nonfinite_fraction=1.5), ValueError, "nonfinite_fraction"),
     ],
 )
 def test_parameter_validation(kwargs, error, match):

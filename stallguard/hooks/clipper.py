@@ -23,6 +23,9 @@ NONFINITE = ("skip", "raise", "zero", "ignore")
 # torch.nn.utils.clip_grads_with_norm_ adds this to the norm before dividing; so do we, to match it.
 _EPS = 1e-6
 
+# Adaptive mode: norms below this fraction of the largest in the history stay out of it.
+_NEGLIGIBLE = 1e-6
+
 # Columns of the per-optimizer counter row, updated with one add per step.
 _COUNTERS = ("steps", "clipped", "pre_sum", "post_sum", "nonfinite_steps")
 _STEPS, _CLIPPED, _PRE_SUM, _POST_SUM, _NONFINITE = range(len(_COUNTERS))
@@ -49,7 +52,9 @@ class GradientClipper(Hook):
       ``torch.nn.utils.clip_grad_value_``. Whether a step was clipped is read from the step's max
       norm (one extra read of the gradients, on top of the clamp's two passes).
     * ``"adaptive"`` (AutoClip, Seetharaman et al. 2020): norm clipping at the ``percentile``-th
-      percentile of the last ``history`` finite gradient norms, the current one included. The
+      percentile of the last ``history`` finite gradient norms, the current one included (norms of
+      zero, or below a millionth of the largest in the history, are left out: they would freeze the
+      run once a model fits most batches exactly). The
       percentile is computed on the device every step. Until ``warmup`` norms have been seen, no
       step is clipped; the default, 1, clips from the second step on, as the paper does.
 
@@ -276,7 +281,12 @@ class GradientClipper(Hook):
         history = self.norm_history[i]
         pos = self.hist_pos[i] % self.history
         self.hist_pos[i] += 1
-        history[pos] = torch.where(ok, total.to(history.dtype), history[pos])
+        # A norm that is zero, or rounding noise next to the largest in the history (a batch the model
+        # already fits exactly), says nothing about the scale of the gradients; kept, enough of them
+        # would put the percentile near 0 and scale every later step to nothing.
+        top = history.nan_to_num(nan=0.0).max()
+        keep = ok & (total > _NEGLIGIBLE * top) & (total > 0)
+        history[pos] = torch.where(keep, total.to(history.dtype), history[pos])
         threshold = _nan_quantile(history, self.percentile / 100.0, self.warmup)
         self.threshold[i] = threshold
         return torch.clamp(threshold / (total + _EPS), max=1.0), threshold

@@ -23,7 +23,7 @@ __all__ = ["LRAutoReducer"]
 _OVERRIDE_TOLERANCE = 1e-9
 
 
-@register("lr_reducer", default="repair", on=("plateau", "divergence"))
+@register("lr_reducer", default="repair", on=("plateau", "divergence", "update_ratio_high"))
 class LRAutoReducer(Hook):
     """Multiply the learning rate by ``factor`` when a metric stops improving, or when told to by events.
 
@@ -34,11 +34,20 @@ class LRAutoReducer(Hook):
     bad ones are ignored, and per group ``new = max(old * factor, min_lr[i])`` applied only when
     ``old - new > eps``. Values are read at check points, so reductions happen there too.
 
-    **Event-driven** (``on=("plateau", "divergence")``, the default instance of
+    **Event-driven** (``on=("plateau", "divergence", "update_ratio_high")``, the default instance of
     ``Guard(repair=True)``): each event of a listed kind from another hook reduces the LR once, with
     the same ``min_lr``/``eps`` rules. At most one reduction per optimizer step (a check point that
     emits both a plateau and a divergence cuts once), and after a reduction the next ``cooldown``
-    such events are ignored.
+    such events are ignored. Two kinds of event are not taken as a reason to cut:
+
+    * evidence gathered before the last cut: an event whose ``steps`` data (``[first, last]``, as
+      ``update_ratio_high`` gives) begins at or before the step of the last reduction measured the
+      old LR;
+    * a ``divergence`` whose reason is ``"non_finite"`` when fewer than ``nonfinite_fraction`` of
+      the interval's steps were non-finite: NaN/Inf losses between finite ones come from a bad
+      batch (a NaN record, a division by zero on one sample), which skipping the step repairs
+      (:class:`~stallguard.GradientClipper`); a lower LR would only slow the rest of the run. A
+      run that the LR drove to NaN stays there, so most of its steps are non-finite.
 
     In both modes every param group of every optimizer of the Guard is multiplied by the same factor,
     so the ratios between groups are kept (until a group reaches its ``min_lr``). LRs held as tensors
@@ -62,6 +71,8 @@ class LRAutoReducer(Hook):
             (the groups of all the Guard's optimizers, in order).
         eps: Reductions smaller than this are skipped.
         on: Event kinds that trigger a reduction (event mode); None for metric mode.
+        nonfinite_fraction: Event mode: the share of an interval's steps that must be non-finite for
+            a ``divergence`` with reason ``"non_finite"`` to cut the LR, in [0, 1]; 0 cuts on any.
         **kwargs: ``every``, ``start_step``, ``name`` (see :class:`~stallguard.Hook`).
 
     Example:
@@ -83,9 +94,9 @@ class LRAutoReducer(Hook):
 
         Event-driven, as ``Guard(model, opt, repair=True)`` sets it up:
 
-        >>> red = sg.LRAutoReducer(on=("plateau", "divergence"))
+        >>> red = sg.LRAutoReducer(on=("plateau", "divergence", "update_ratio_high"))
         >>> red.subscribes
-        ('plateau', 'divergence')
+        ('plateau', 'divergence', 'update_ratio_high')
     """
 
     modifies_training = True
@@ -102,6 +113,7 @@ class LRAutoReducer(Hook):
         min_lr: float | Sequence[float] = 0,
         eps: float = 1e-8,
         on: str | Iterable[str] | None = None,
+        nonfinite_fraction: float = 0.5,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -118,6 +130,7 @@ class LRAutoReducer(Hook):
         self.eps = check_float(owner, "eps", eps, min=0.0)
         self.min_lr = self._check_min_lr(min_lr)
         self.on = self._check_on(on)
+        self.nonfinite_fraction = check_float(owner, "nonfinite_fraction", nonfinite_fraction, min=0.0, max=1.0)
         # Instance attribute: the Guard routes these kinds to on_event.
         self.subscribes = self.on or ()  # type: ignore[misc]
         self._min_lrs: list[float] = []
@@ -131,6 +144,8 @@ class LRAutoReducer(Hook):
         self.add_state("last_reduction_step", None)
         self.add_state("expected_lrs", None)  # per group, the LR this hook last set (or saw lower)
         self.add_state("overridden", False)
+        # The steps of the last two check points, to tell how many steps a check point's events cover.
+        self.add_state("check_steps", [0, 0])
 
     @staticmethod
     def _check_min_lr(min_lr: Any) -> float | list[float]:
@@ -163,6 +178,8 @@ class LRAutoReducer(Hook):
         self._min_lrs = self._resolve_min_lrs(guard)
 
     def on_check(self, check: CheckContext) -> None:
+        if check.step != self.check_steps[1]:
+            self.check_steps = [self.check_steps[1], check.step]
         self._check_override()
         if self.on is not None:
             return
@@ -185,6 +202,8 @@ class LRAutoReducer(Hook):
         self._check_override()
         if self.overridden or self.last_reduction_step == guard.step:
             return  # the scheduler is in charge, or this step was already cut once
+        if not self._is_reason(event):
+            return
         if self.cooldown_counter > 0:
             self.cooldown_counter -= 1
             return
@@ -192,6 +211,27 @@ class LRAutoReducer(Hook):
         self.cooldown_counter = self.cooldown
         if old is not None:
             self._report(old, 1, trigger=event.kind, trigger_source=event.source, trigger_step=event.step)
+
+    def _is_reason(self, event: Event) -> bool:
+        """Whether ``event`` is evidence against the current LR (see the class docstring)."""
+        data = event.data
+        span = data.get("steps")
+        if (
+            self.last_reduction_step is not None
+            and isinstance(span, (list, tuple))
+            and len(span) == 2
+            and isinstance(span[0], (int, float))
+            and span[0] <= self.last_reduction_step
+        ):
+            return False  # measured, at least in part, at the LR before the last cut
+        if event.kind == "divergence" and data.get("reason") == "non_finite":
+            bad = data.get("nonfinite")
+            # This check point's events come before or after this hook's own on_check, by hook order.
+            start = self.check_steps[0] if self.check_steps[1] == event.step else self.check_steps[1]
+            steps = event.step - start
+            if isinstance(bad, (int, float)) and steps > 0 and bad < self.nonfinite_fraction * steps:
+                return False  # a few bad batches between finite ones: the data, not the LR
+        return True
 
     # ----------------------------------------------------------------- ReduceLROnPlateau, step by step
     def step(self, metric: float) -> list[float] | None:
