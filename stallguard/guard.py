@@ -55,6 +55,7 @@ _CONFIG_KEYS = {
     "sinks",
     "repair",
     "check_every",
+    "early_check",
     "strict",
     "max_events",
     "emit_rank",
@@ -193,6 +194,10 @@ class Guard:
             repair hooks are added unless a hook of the same class is already there.
         check_every: Optimizer steps between check points, where hooks read their statistics
             (one batched device-to-host transfer) and decide.
+        early_check: One more check point after this many optimizer steps (fewer than
+            ``check_every``; 0 for none). By default 1 with ``repair=True``, none otherwise: an LR
+            far too high can wreck a model in its first few steps (every ReLU dead), so the repair
+            set judges the first update at once; only a cut right after it saves such a run.
         scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop, so that steps it skips are
             reported as skipped steps.
         attach_optimizer: Register the optimizer step hooks. With False, call :meth:`before_step`
@@ -230,6 +235,7 @@ class Guard:
         sinks: Iterable[Sink | str | dict[str, Any]] | None = None,
         repair: bool = False,
         check_every: int = 50,
+        early_check: int | None = None,
         scaler: Any = None,
         attach_optimizer: bool = True,
         strict: bool = False,
@@ -245,6 +251,11 @@ class Guard:
         self.optimizers: list[torch.optim.Optimizer] = self._check_optimizers(optimizer)
         self.check_every = check_int("Guard", "check_every", check_every, min=1)
         self.repair = check_type("Guard", "repair", repair, bool, "a bool")
+        if early_check is None:
+            early_check = 1 if repair and self.check_every > 1 else None
+        else:
+            early_check = check_int("Guard", "early_check", early_check, min=0, max=self.check_every - 1) or None
+        self.early_check: int | None = early_check
         self.strict = check_type("Guard", "strict", strict, bool, "a bool")
         self.attach_optimizer = check_type("Guard", "attach_optimizer", attach_optimizer, bool, "a bool")
         self.max_events = check_int("Guard", "max_events", max_events, min=1)
@@ -442,7 +453,7 @@ class Guard:
         where ``params`` may include the instance ``name``; ``{"name": registry_name, ...}`` is accepted
         when ``"hook"`` is absent; null or absent for the defaults), ``sinks`` (names or dicts such as
         ``{"name": "jsonl", "path": ...}``) and the Guard's own keyword arguments (``repair``,
-        ``check_every``, ``strict``, ``max_events``, ``emit_rank``, ``history``). ``overrides`` pass
+        ``check_every``, ``early_check``, ``strict``, ``max_events``, ``emit_rank``, ``history``). ``overrides`` pass
         objects a file cannot hold (``scaler=``).
 
         Raises:
@@ -498,7 +509,15 @@ class Guard:
             if h.registry_name is None or h.registry_name == "skipped_steps":
                 continue
             hooks.append({"hook": h.registry_name, **h.get_config()})
-        return {"check_every": self.check_every, "repair": self.repair, "strict": self.strict, "hooks": hooks}
+        config: dict[str, Any] = {
+            "check_every": self.check_every,
+            "repair": self.repair,
+            "strict": self.strict,
+            "hooks": hooks,
+        }
+        if self.early_check != (1 if self.repair and self.check_every > 1 else None):
+            config["early_check"] = self.early_check or 0
+        return config
 
     # ----------------------------------------------------------------- public properties
     @property
@@ -754,7 +773,7 @@ class Guard:
             self.optimizer_steps[index] += 1
         if index == self.clock:
             self.step += 1
-            if self.step % self.check_every == 0:
+            if self.step % self.check_every == 0 or self.step == self.early_check:
                 self.check()
             self._step_begin(self.step + 1)
 

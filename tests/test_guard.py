@@ -359,6 +359,8 @@ class TestBadArguments:
         [
             ({"check_every": 0}, ValueError, "check_every must be an int >= 1, got 0"),
             ({"check_every": 2.5}, TypeError, "check_every must be an int, got float 2.5"),
+            ({"early_check": 50}, ValueError, "early_check must be an int <= 49, got 50"),
+            ({"early_check": -1}, ValueError, "early_check must be an int >= 0, got -1"),
             ({"hooks": [object()]}, TypeError, r"hooks\[0\] must be a stallguard.Hook, got object"),
             ({"hooks": sg.MemorySink()}, TypeError, "hooks must be a list"),
             ({"sinks": sg.MemorySink()}, TypeError, "sinks must be a list"),
@@ -472,3 +474,35 @@ def test_a_guard_that_fails_to_attach_leaves_the_optimizer_untouched():
         sg.Guard(model, opt, hooks=[FailsAtAttach()], sinks=[], strict=True)
     assert not opt._optimizer_step_pre_hooks and not model[0]._forward_hooks
     sg.Guard(model, opt, hooks=[], sinks=[]).close()  # the optimizer is free again
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "early", "checks"),
+    [
+        ({}, None, [10, 20]),
+        ({"repair": True}, 1, [1, 10, 20]),
+        ({"repair": True, "early_check": 0}, None, [10, 20]),
+        ({"early_check": 3}, 3, [3, 10, 20]),
+    ],
+)
+def test_early_check_point(kwargs, early, checks):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    seen = []
+
+    class Probe(sg.Hook):
+        def on_check(self, check):
+            seen.append(check.step)
+
+    guard = sg.Guard(model, opt, hooks=[Probe()], sinks=[], check_every=10, **kwargs)
+    assert guard.early_check == early
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert seen == checks
+    config = guard.to_config()
+    assert sg.Guard.from_config(model, None, {**config, "sinks": []}).early_check == early
+    guard.close()
+

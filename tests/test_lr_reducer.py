@@ -238,13 +238,14 @@ def _adam(lr: float):
 
 
 def test_updates_too_large_for_the_weights_cut_the_lr_at_the_first_check():
-    # Adam at 100x its usual LR: UpdateRatio sees updates 40% of the weights by the first check point,
-    # long before the loss plateaus.
+    # Adam at 100x its usual LR: UpdateRatio sees updates 40% of the weights on the first step, and the
+    # repair set's early check point (after step 1) cuts the LR long before the loss plateaus.
     guard, repaired, opt = _run(300, _adam(0.1))
     _, plain, _ = _run(300, _adam(0.1), stallguard=False)
+    assert guard.early_check == 1
     cuts = [e for e in guard.events if e.kind == "lr_reduced"]
     assert [(c.step, c.data["trigger"], c.data["trigger_source"]) for c in cuts] == [
-        (50, "update_ratio_high", "UpdateRatio")
+        (1, "update_ratio_high", "UpdateRatio")
     ]
     assert _lrs(opt) == [pytest.approx(0.01)]
     assert np.median(plain[-50:]) > 0.9  # stuck without the cut
