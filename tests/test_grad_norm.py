@@ -95,7 +95,8 @@ def test_flags_rnn_with_scaled_recurrent_weights_as_exploding_before_it_turns_na
     assert exploding, kinds(guard)
     first = exploding[0]
     assert first.step < first_nan  # warned while the run could still be saved
-    assert first.data["rules"] == ("growth",)
+    # The norms grew against their own baseline; the loss, read on every step, rose with them.
+    assert "growth" in first.data["rules"]
     # A sustained 100x jump of the median, or 100x spikes over a median already raised 10x.
     assert first.data["growth"] > 100 or (first.data["peak_growth"] > 100 and first.data["growth"] > 10)
     assert first.data["norm_max"] > 100 * first.data["baseline_median"]
