@@ -18,7 +18,6 @@ pytestmark = pytest.mark.slow
 #: "Stall zoo" section of benchmarks/RESULTS.md). strict=True: a fix makes the test pass and fail as XPASS,
 #: so the entry must then be removed.
 KNOWN_MISSES: dict[str, str] = {
-    "outlier_targets_mlp": "spiky from step 0: no calm baseline for the exploding rule, no exploding_gradients event",
     "imbalanced_cnn": "class_imbalance is reported, but without collapsed predictions or a stall it is not named",
     "random_labels_mlp": "loss_at_chance is dropped once the model memorizes the random labels below chance",
 }
