@@ -156,13 +156,22 @@ class _Facts:
         GradNormMonitor's growth rule compares an interval with a baseline of earlier, normal gradient
         norms; when no divergence or oscillation came before it, the loss was fine until the gradients
         blew up, and the loss trouble that follows is the explosion's doing, not the learning rate's.
+
+        Its ``surge`` and ``spikes`` forms read the loss of every step and find the loss blowing up
+        *with* the gradients, so a divergence or oscillation reported before them is the same blow-up,
+        seen first by the loss. Only large updates reported at or before such an explosion
+        (``update_ratio_high``: the typical step is too large) leave it to the learning rate.
         """
-        explode = next((e for e in self.all("exploding_gradients") if "growth" in (e.data.get("rules") or ())), None)
+        explode = next((e for e in self.all("exploding_gradients") if _explosion_rules(e)), None)
         if explode is None:
             return None
-        if any(e.step < explode.step for e in self.all("divergence", "oscillation")):
-            return None
-        return explode
+        rules = _explosion_rules(explode)
+        if "growth" in rules and not any(e.step < explode.step for e in self.all("divergence", "oscillation")):
+            return explode
+        high = [e for e in self.all("update_ratio_high") if _finite_ratio(e) and e.step <= explode.step]
+        if rules & {"surge", "spikes"} and not high:
+            return explode
+        return None
 
     def learning_rates(self) -> list[float]:
         """The current learning rate of every param group of the Guard's optimizers."""
@@ -262,6 +271,11 @@ def _bottleneck_activations(f: _Facts) -> set[str]:
         if e.data.get("reason") == "bottleneck"
         for a in e.data.get("activations") or ()
     }
+
+
+def _explosion_rules(e: Event) -> set[str]:
+    """The forms of an ``exploding_gradients`` that compare the gradients with the run's own history."""
+    return set(e.data.get("rules") or ()) & {"growth", "surge", "spikes"}
 
 
 def _finite_ratio(e: Event) -> bool:
@@ -577,8 +591,9 @@ def _exploding(f: _Facts) -> _Finding | None:
         return None
     confidence = _combine(*(_conf(e, 0.7) for e in evs[:2]), 0.4)
     high = next((e for e in f.all("update_ratio_high") if _finite_ratio(e)), None)
-    if high is not None and high.step < evs[0].step and f.calm_explosion is None:
-        confidence *= 0.7  # big updates came first and trouble followed: the learning rate explains more
+    if high is not None and high.step <= evs[0].step and f.calm_explosion is None:
+        # Big updates came first (or in the same interval) and trouble followed: the learning rate explains more.
+        confidence *= 0.7
     return _Finding(
         "exploding_gradients",
         confidence,

@@ -157,6 +157,31 @@ def test_a_loss_that_diverged_before_the_gradients_grew_keeps_lr_too_high_first(
     assert found.index("non_finite") > found.index("exploding_gradients")
 
 
+def test_loss_spikes_that_the_gradients_spike_with_are_exploding_gradients() -> None:
+    # Outlier targets: the loss spikes from the first check on (PlateauDetector's explosion), and once the
+    # monitor has calm batches to compare with, the sampled spikes carry gradients 9x those of the others.
+    events = [
+        ev("divergence", 50, "error", source="PlateauDetector", reason="explosion", ratio=108.0, level=3.0, best=3.0),
+        ev("plateau", 100, source="PlateauDetector", level=13.1, best=3.0),
+        ev("divergence", 100, "error", source="PlateauDetector", reason="explosion", ratio=157.0, level=13.1),
+        ev("exploding_gradients", 150, source="GradNormMonitor", conf=1.0, rules=["spikes"], spike_norm_ratio=8.6),
+    ]
+    found = causes(events)
+    assert found[0] == "exploding_gradients"
+    assert "lr_too_high" not in found  # the loss went wrong with the gradients, not through large updates
+
+
+def test_a_surge_with_large_updates_in_the_same_interval_keeps_lr_too_high_first() -> None:
+    events = [
+        ev("update_ratio_high", 50, source="UpdateRatio", conf=0.8, median_ratio=0.9, steps=[1, 11]),
+        ev("exploding_gradients", 50, source="GradNormMonitor", conf=1.0, rules=["surge"], growth=8.0),
+        ev("divergence", 50, "error", source="PlateauDetector", reason="rise", ratio=6.0),
+    ]
+    found = causes(events)
+    assert found[0] == "lr_too_high"
+    assert "exploding_gradients" in found
+
+
 def test_dead_units_explain_vanishing_gradients_and_tiny_updates() -> None:
     events = [
         ev("dead_units", 25, source="DeadReLUCounter", layers=["1", "3"], max_fraction=1.0),

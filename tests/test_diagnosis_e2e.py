@@ -10,6 +10,7 @@ import pytest
 
 import stallguard as sg
 from stallguard.demo import DEMOS, run_demo
+from tests.grad_models import train_outlier_regression, train_rnn_classifier
 
 FAULTS = [name for name, demo in DEMOS.items() if demo.cause is not None]
 
@@ -41,3 +42,34 @@ def test_healthy_demo_stays_quiet() -> None:
     assert not [e for e in guard.events if e.severity >= sg.Severity.WARNING]
     loss = guard.series("loss").values
     assert loss[-1] < 0.1 * loss[0]  # it really trains
+
+
+# ------------------------------------------------------------- exploding gradients under the default set
+# The default set reads the gradient norm on one step in ten; these runs blow up between its samples or
+# are spiky from the first step, and the loss (observed on every step) carries the evidence.
+def test_rnn_that_blows_up_between_samples_is_named_exploding_gradients() -> None:
+    guard, _ = train_rnn_classifier(None)
+    found = guard.diagnose()
+    ranked = [(d.cause, d.confidence) for d in found]
+    assert found and found[0].cause == "exploding_gradients", ranked
+    assert any(e.kind == "exploding_gradients" for e in found[0].events)
+    guard.close()
+
+
+def test_same_rnn_with_clipped_gradients_gets_no_diagnosis() -> None:
+    guard, _ = train_rnn_classifier(None, clip=1.0)
+    assert guard.diagnose() == [], guard.report()
+    guard.close()
+
+
+def test_regression_with_outlier_targets_is_named_exploding_gradients() -> None:
+    guard = train_outlier_regression(None, corrupt=8)
+    found = guard.diagnose()
+    assert found and found[0].cause == "exploding_gradients", [(d.cause, d.confidence) for d in found]
+    guard.close()
+
+
+def test_same_regression_with_clean_targets_gets_no_diagnosis() -> None:
+    guard = train_outlier_regression(None, corrupt=0)
+    assert guard.diagnose() == [], guard.report()
+    guard.close()

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 import stallguard as sg
-from tests.grad_models import RNNRegressor, quadrant_images, rnn_data, sigmoid_mlp, small_cnn
+from tests.grad_models import (
+    RNNRegressor,
+    quadrant_images,
+    rnn_data,
+    sigmoid_mlp,
+    small_cnn,
+    train_outlier_regression,
+    train_rnn_classifier,
+)
 
 WARNINGS = ("vanishing_gradients", "exploding_gradients", "nonfinite_gradients")
 
@@ -95,7 +103,8 @@ def test_flags_rnn_with_scaled_recurrent_weights_as_exploding_before_it_turns_na
     assert exploding, kinds(guard)
     first = exploding[0]
     assert first.step < first_nan  # warned while the run could still be saved
-    assert first.data["rules"] == ("growth",)
+    # The norms grew against their own baseline; the loss, read on every step, rose with them.
+    assert "growth" in first.data["rules"]
     # A sustained 100x jump of the median, or 100x spikes over a median already raised 10x.
     assert first.data["growth"] > 100 or (first.data["peak_growth"] > 100 and first.data["growth"] > 10)
     assert first.data["norm_max"] > 100 * first.data["baseline_median"]
@@ -111,6 +120,57 @@ def test_same_rnn_unscaled_trains_quietly() -> None:
     assert losses[-1] < losses[0]
     assert not [k for k in kinds(guard) if k in WARNINGS]
     guard.close()
+
+
+def test_sampled_monitor_sees_an_rnn_blow_up_between_its_samples_through_the_loss() -> None:
+    # The default set's cadence: the norm is read on one step in ten.
+    guard, losses = train_rnn_classifier([sg.GradNormMonitor(every=10)])
+    calm = sorted(losses[:50])[25]
+    blow_up = next(i + 1 for i, v in enumerate(losses) if v > 10 * calm)
+    exploding = [e for e in guard.events if e.kind == "exploding_gradients"]
+    assert exploding, kinds(guard)
+    first = exploding[0]
+    # Reported at the first check point after the blow-up, by the forms that read the loss: the
+    # sampled norms alone never grew 100x.
+    assert blow_up < first.step <= blow_up + 50
+    assert all("growth" not in e.data["rules"] for e in exploding)
+    assert set(first.data["rules"]) <= {"surge", "spikes"}
+    assert first.data["loss_max"] > 10 * first.data["loss_baseline_median"]
+    assert first.data["loss_max"] > first.data["loss_start"]
+    if "spikes" in first.data["rules"]:
+        assert first.data["spike_norm_median"] >= 3 * first.data["calm_norm_median"]
+    surge = [e for e in exploding if "surge" in e.data["rules"]]
+    assert surge and surge[0].data["growth"] >= 5 and surge[0].data["loss_growth"] >= 5
+    guard.close()
+
+
+def test_same_rnn_with_clipped_gradients_stays_quiet() -> None:
+    guard, losses = train_rnn_classifier([sg.GradNormMonitor(every=10)], clip=1.0)
+    assert sum(losses[-50:]) < sum(losses[:50])  # it trains
+    assert not [k for k in kinds(guard) if k in WARNINGS]
+    guard.close()
+
+
+def test_outlier_targets_give_gradient_spikes_that_track_the_loss_spikes() -> None:
+    guard = train_outlier_regression([sg.GradNormMonitor(every=10)], corrupt=8)
+    exploding = [e for e in guard.events if e.kind == "exploding_gradients"]
+    assert exploding, kinds(guard)
+    e = exploding[0]
+    assert e.data["rules"] == ("spikes",)
+    assert e.data["loss_spikes"] >= 1 and e.data["sampled_spikes"] >= 1
+    assert e.data["loss_max"] >= 10 * e.data["loss_baseline_median"]
+    assert e.data["spike_norm_ratio"] >= 3 and e.data["spike_norm_median"] > e.data["calm_norm_median"]
+    guard.close()
+
+
+def test_outlier_targets_are_not_seen_without_the_loss_and_clean_targets_stay_quiet() -> None:
+    # Without guard.observe(loss) only the sampled norms remain, and they are spiky from the first step.
+    blind = train_outlier_regression([sg.GradNormMonitor(every=10)], corrupt=8, observe=False)
+    assert not [k for k in kinds(blind) if k in WARNINGS]
+    blind.close()
+    clean = train_outlier_regression([sg.GradNormMonitor(every=10)], corrupt=0)
+    assert not [k for k in kinds(clean) if k in WARNINGS]
+    clean.close()
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
@@ -281,6 +341,9 @@ def test_state_dict_round_trip() -> None:
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
     assert len(loaded["baseline"][0]) == 20 and loaded["ring_pos"] == [5]
+    # The loss side: 20 observed losses, the start level they set, and this interval's sampled steps.
+    assert len(loaded["loss_baseline"]) == 20 and loaded["loss_seen"] == 20 and loaded["loss_start"] > 0
+    assert len(loaded["baseline_loss"][0]) == 20 and loaded["sampled_steps"] == [[20, 21, 22, 23, 24]]
 
     # Loaded into a hook before it is attached, and after.
     for before in (True, False):
@@ -338,6 +401,9 @@ def test_guard_state_dict_round_trip_keeps_detecting() -> None:
         ({"window": 0}, ValueError, "window"),
         ({"min_history": 600}, ValueError, "min_history"),
         ({"max_norm": math.nan}, ValueError, "max_norm"),
+        ({"surge_factor": 1.0}, ValueError, "surge_factor"),
+        ({"loss_spike": 0.5}, ValueError, "loss_spike"),
+        ({"spike_ratio": math.inf}, ValueError, "spike_ratio"),
     ],
 )
 def test_parameter_validation_names_the_parameter(kwargs: dict, error: type, words: str) -> None:

@@ -505,4 +505,3 @@ def test_early_check_point(kwargs, early, checks):
     config = guard.to_config()
     assert sg.Guard.from_config(model, None, {**config, "sinks": []}).early_check == early
     guard.close()
-

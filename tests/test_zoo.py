@@ -18,7 +18,6 @@ pytestmark = pytest.mark.slow
 #: "Stall zoo" section of benchmarks/RESULTS.md). strict=True: a fix makes the test pass and fail as XPASS,
 #: so the entry must then be removed.
 KNOWN_MISSES: dict[str, str] = {
-    "outlier_targets_mlp": "spiky from step 0: no calm baseline for the exploding rule, no exploding_gradients event",
     "random_labels_mlp": "no validation loss; the memorized training loss falls like a slow learner's, and the "
     "loss_at_chance report is dropped once it lies 10% below chance",
 }

@@ -21,6 +21,9 @@ __all__ = ["GradNormMonitor"]
 # How many parameter names an event lists at most (the counts cover all of them).
 _MAX_NAMED = 10
 
+# Sampled norms needed for a median that the loss-corroborated rules compare with (a median of three).
+_MIN_SAMPLES = 3
+
 # Columns of the per-optimizer counter row, updated with one add per step.
 _COUNTERS = ("nonfinite_steps", "kernel_steps", "vanish_steps", "first_kernel_sum", "last_kernel_sum", "floor_steps")
 _NONFINITE, _KERNEL, _VANISH, _FIRST, _LAST, _FLOOR = range(len(_COUNTERS))
@@ -56,7 +59,13 @@ class GradNormMonitor(Hook):
       the median of the previous ``window`` steps (a sustained jump, not a single noisy batch), or its
       largest norm does while its median exceeds ``sqrt(growth_factor)`` times (spikes on a run
       whose gradients have risen as a whole); or, with ``max_norm`` set, some step's global norm
-      exceeded it.
+      exceeded it. Two more forms read the loss that ``guard.observe(loss)`` reports on every step
+      (the Guard keeps it on the host, so they cost nothing per step) and so see what happens
+      between sampled steps: ``surge``, the median norm *and* the median loss both rose
+      ``surge_factor`` times over their recent medians, to a loss above the run's starting level;
+      and ``spikes``, batches whose loss is ``loss_spike`` times the recent median loss (and above
+      the starting level) got gradient norms ``spike_ratio`` times those of ordinary batches, read
+      on the sampled steps that fell on such batches.
     * ``nonfinite_gradients``: some step had NaN or Inf gradients; names the parameters that were
       non-finite first.
 
@@ -72,6 +81,12 @@ class GradNormMonitor(Hook):
         window: How many past steps form the baseline.
         min_history: Steps of baseline needed before the exploding rule can fire.
         max_norm: Optional absolute ceiling for the global norm; None turns this rule off.
+        surge_factor: How many times their recent medians the interval's median norm and median
+            loss must both reach for the ``surge`` form.
+        loss_spike: How many times the recent median loss a batch's loss must reach (and exceed the
+            run's starting level) to count as a loss spike.
+        spike_ratio: How many times the median norm of ordinary batches (loss at or below the recent
+            median) the median norm of sampled loss spikes must reach for the ``spikes`` form.
         **kwargs: ``every``, ``start_step``, ``name`` (see :class:`~stallguard.Hook`).
 
     Example:
@@ -107,6 +122,9 @@ class GradNormMonitor(Hook):
         window: int = 500,
         min_history: int = 20,
         max_norm: float | None = None,
+        surge_factor: float = 5.0,
+        loss_spike: float = 10.0,
+        spike_ratio: float = 3.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -123,9 +141,20 @@ class GradNormMonitor(Hook):
         if self.min_history > self.window:
             raise ValueError(f"{owner}: min_history must be <= window ({self.window}), got {min_history!r}")
         self.max_norm = None if max_norm is None else check_float(owner, "max_norm", max_norm, min=0.0, min_open=True)
+        self.surge_factor = check_float(owner, "surge_factor", surge_factor, min=1.0, min_open=True)
+        self.loss_spike = check_float(owner, "loss_spike", loss_spike, min=1.0, min_open=True)
+        self.spike_ratio = check_float(owner, "spike_ratio", spike_ratio, min=1.0, min_open=True)
         # Host state: the baseline of recent finite global norms and where each ring write goes.
         self.add_state("baseline", [])
         self.add_state("ring_pos", [])
+        # The loss observed before each sampled step (paired with the baseline norms), the steps sampled
+        # in this interval, the recent losses, the run's starting loss level and how much of the loss
+        # stream has been read.
+        self.add_state("baseline_loss", [])
+        self.add_state("sampled_steps", [])
+        self.add_state("loss_baseline", [])
+        self.add_state("loss_start", None)
+        self.add_state("loss_seen", 0)
         self.add_state("interval_start", 0)
         self.add_state("total_nonfinite", [])
         self._pending_state: dict[str, Any] | None = None
@@ -158,6 +187,8 @@ class GradNormMonitor(Hook):
             self.add_state("layer_count", torch.zeros(n_slots), reduce="max", reset=True)
         if not self.baseline:
             self.baseline = [[] for _ in range(n_opt)]
+            self.baseline_loss = [[] for _ in range(n_opt)]
+            self.sampled_steps = [[] for _ in range(n_opt)]
             self.ring_pos = [0] * n_opt
             self.total_nonfinite = [0] * n_opt
             self.interval_start = guard.step
@@ -233,6 +264,9 @@ class GradNormMonitor(Hook):
         ring = self.recent.shape[1]
         self.recent[i, self.ring_pos[i] % ring] = torch.where(valid, total.float(), math.nan)
         self.ring_pos[i] += 1
+        # A host int: the loss observed before this step (the batch whose gradients these are, when the
+        # loop calls observe() before step()) is kept under the steps completed then.
+        self.sampled_steps[i].append(ctx.step - 1)
         zero = torch.zeros((), device=per.device)
         row: list[Tensor] = [bad, zero, zero, zero, zero, zero]
         if layout.first is not None and layout.last is not None:
@@ -261,18 +295,40 @@ class GradNormMonitor(Hook):
         v = check.values
         recent = np.asarray(v["recent"], dtype=np.float64)
         counters = np.asarray(v["counters"], dtype=np.float64).reshape(recent.shape[0], len(_COUNTERS))
+        loss_steps, loss_values, self.loss_seen = check.unread("loss", self.loss_seen)
+        finite = np.isfinite(loss_values)
+        losses = loss_values[finite]
+        loss_at = dict(zip(loss_steps[finite].tolist(), losses.tolist()))
+        if self.loss_start is None:
+            first = (self.loss_baseline + losses.tolist())[: self.min_history]
+            if len(first) >= self.min_history:
+                self.loss_start = float(np.median(first))
         for i in range(recent.shape[0]):
             steps = self.ring_pos[i]
             if steps == 0:
                 continue
-            norms = recent[i][np.isfinite(recent[i])]
+            norms, paired = self._in_order(i, recent[i], loss_at)
             layers = self._layer_data(v, i) if self.per_layer else None
             self._check_nonfinite(i, v, counters[i], steps)
             self._check_vanishing(i, counters[i], norms, layers)
-            self._check_exploding(i, norms, steps, layers)
+            self._check_exploding(i, norms, paired, losses, steps, layers)
             self.baseline[i] = (self.baseline[i] + norms.tolist())[-self.window :]
+            self.baseline_loss[i] = (self.baseline_loss[i] + paired.tolist())[-self.window :]
+        self.loss_baseline = (self.loss_baseline + losses.tolist())[-self.window :]
         self.ring_pos = [0] * recent.shape[0]
+        self.sampled_steps = [[] for _ in range(recent.shape[0])]
         self.interval_start = check.step
+
+    def _in_order(self, i: int, ring: np.ndarray, loss_at: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+        """The interval's finite norms of optimizer ``i`` oldest first, and the loss observed before each."""
+        n, size = self.ring_pos[i], len(ring)
+        slots = [p % size for p in range(max(0, n - size), n)]
+        steps = self.sampled_steps[i][-len(slots) :] if i < len(self.sampled_steps) else []
+        steps = [None] * (len(slots) - len(steps)) + list(steps)
+        norms = ring[slots]
+        paired = np.array([loss_at.get(s, math.nan) if s is not None else math.nan for s in steps], dtype=np.float64)
+        keep = np.isfinite(norms)
+        return norms[keep], paired[keep]
 
     def _layer_data(self, v: dict[str, Any], i: int) -> dict[str, dict[str, float]]:
         """Mean and max norm per parameter of optimizer ``i`` over the interval."""
@@ -365,7 +421,15 @@ class GradNormMonitor(Hook):
             "vanishing_gradients", "warning", message, causes=("vanishing_gradients",), confidence=fraction, **data
         )
 
-    def _check_exploding(self, i: int, norms: np.ndarray, steps: int, layers: dict[str, Any] | None) -> None:
+    def _check_exploding(
+        self,
+        i: int,
+        norms: np.ndarray,
+        paired: np.ndarray,
+        losses: np.ndarray,
+        steps: int,
+        layers: dict[str, Any] | None,
+    ) -> None:
         rules: list[str] = []
         data: dict[str, Any] = {"optimizer": i, "steps": steps}
         if not len(norms):
@@ -374,17 +438,13 @@ class GradNormMonitor(Hook):
         median = float(np.median(norms))
         confidence = 0.0
         baseline = self.baseline[i]
-        if len(baseline) >= self.min_history:
-            base = float(np.median(baseline))
+        base = float(np.median(baseline)) if len(baseline) >= min(_MIN_SAMPLES, self.min_history) else math.nan
+        if not math.isnan(base):
             growth = median / base if base > 0 else math.inf
+            data.update(baseline_median=base, baseline_steps=len(baseline), growth=growth)
+        if len(baseline) >= self.min_history:
             above = float(np.mean(norms > self.growth_factor * base))
-            data.update(
-                baseline_median=base,
-                baseline_steps=len(baseline),
-                growth=growth,
-                growth_factor=self.growth_factor,
-                above_fraction=above,
-            )
+            data.update(growth_factor=self.growth_factor, above_fraction=above)
             peak = float(np.max(norms)) / base if base > 0 else math.inf
             data["peak_growth"] = peak
             if growth > self.growth_factor:
@@ -401,6 +461,7 @@ class GradNormMonitor(Hook):
             if over > 0:
                 rules.append("max_norm")
                 confidence = max(confidence, over / len(norms))
+        confidence = max(confidence, self._loss_rules(i, norms, paired, losses, base, rules, data))
         if not rules:
             return
         data["rules"] = rules
@@ -411,6 +472,19 @@ class GradNormMonitor(Hook):
                 f"exploding gradients: median gradient norm {median:.3g} is {data['growth']:.3g}x "
                 f"the recent baseline {data['baseline_median']:.3g} (max {data['norm_max']:.3g})"
             )
+        elif "surge" in rules:
+            message = (
+                f"exploding gradients: median gradient norm {median:.3g} is {data['growth']:.3g}x "
+                f"the recent baseline {data['baseline_median']:.3g} while the median loss rose "
+                f"{data['loss_growth']:.3g}x to {data['loss_median']:.3g}"
+            )
+        elif "spikes" in rules:
+            message = (
+                f"exploding gradients: {data['loss_spikes']} step(s) with a loss spike (up to "
+                f"{data['loss_max']:.3g}, {self.loss_spike:g}x the median loss {data['loss_baseline_median']:.3g} "
+                f"or more); sampled ones had gradient norms {data['spike_norm_ratio']:.3g}x those of "
+                f"ordinary batches ({data['spike_norm_median']:.3g} vs {data['calm_norm_median']:.3g})"
+            )
         else:
             message = (
                 f"exploding gradients: gradient norm above max_norm={self.max_norm:g} on "
@@ -419,6 +493,74 @@ class GradNormMonitor(Hook):
         self.emit(
             "exploding_gradients", "warning", message, causes=("exploding_gradients",), confidence=confidence, **data
         )
+
+    def _loss_rules(
+        self,
+        i: int,
+        norms: np.ndarray,
+        paired: np.ndarray,
+        losses: np.ndarray,
+        base: float,
+        rules: list[str],
+        data: dict[str, Any],
+    ) -> float:
+        """The ``surge`` and ``spikes`` forms, which read the loss of every step; returns their confidence.
+
+        The default set samples the norm on one step in ten, so a blow-up between samples leaves only
+        its aftermath in the norms; the loss, observed on every step, shows where and how hard it hit.
+        Both forms need ``min_history`` observed losses before the interval, and count a loss only
+        above the run's starting level: a fitted model's hard batch, far below where the run started,
+        is ordinary noise.
+        """
+        history = self.loss_baseline
+        start = self.loss_start
+        if start is None or len(history) < self.min_history or not len(losses):
+            return 0.0
+        ref = float(np.median(history))
+        loss_median = float(np.median(losses))
+        loss_growth = loss_median / ref if ref > 0 else math.inf
+        data.update(
+            loss_median=loss_median,
+            loss_max=float(np.max(losses)),
+            loss_baseline_median=ref,
+            loss_start=start,
+            loss_growth=loss_growth,
+        )
+        confidence = 0.0
+        # surge: the gradients rose as a whole and the loss with them, past where the run started.
+        growth = data.get("growth", math.nan)
+        if not math.isnan(base) and growth >= self.surge_factor and loss_growth >= self.surge_factor:
+            data["surge_factor"] = self.surge_factor
+            if loss_median > start:
+                rules.append("surge")
+                confidence = max(float(np.mean(norms >= self.surge_factor * base)), 0.5)
+        # spikes: single batches whose loss jumps far above the rest, and whose gradients jump with it.
+        threshold = max(self.loss_spike * ref, start)
+        spikes = int(np.sum((losses >= self.loss_spike * ref) & (losses > start)))
+        if not spikes:
+            return confidence
+        data.update(loss_spikes=spikes, loss_spike=self.loss_spike)
+        on_spike = norms[(paired >= self.loss_spike * ref) & (paired > start)]
+        pool_norms = np.concatenate([np.asarray(self.baseline[i], dtype=np.float64), norms])
+        pool_loss = np.concatenate([np.asarray(self.baseline_loss[i], dtype=np.float64), paired])
+        calm = pool_norms[pool_loss <= ref]  # NaN (no loss seen) is neither
+        if not len(on_spike) or len(calm) < _MIN_SAMPLES:
+            return confidence
+        calm_median = float(np.median(calm))
+        spike_median = float(np.median(on_spike))
+        ratio = spike_median / calm_median if calm_median > 0 else math.inf
+        data.update(
+            spike_threshold=threshold,
+            sampled_spikes=len(on_spike),
+            spike_norm_median=spike_median,
+            calm_norm_median=calm_median,
+            spike_norm_ratio=ratio,
+            spike_ratio=self.spike_ratio,
+        )
+        if ratio >= self.spike_ratio:
+            rules.append("spikes")
+            confidence = max(confidence, float(np.mean(on_spike >= self.spike_ratio * calm_median)), 0.5)
+        return confidence
 
     # ----------------------------------------------------------------- state
     def load_state_dict(self, state: dict[str, Any]) -> None:
