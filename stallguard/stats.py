@@ -33,6 +33,15 @@ def _plain(t: Tensor) -> bool:
     return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
 
 
+def is_nonfinite(t: Tensor) -> Tensor:
+    """``~torch.isfinite(t)`` for a floating-point tensor, in two ops instead of five or six.
+
+    ``t * 0`` is 0 for every finite value and NaN for NaN and infinities, and NaN compares unequal to
+    everything. On the small tensors of per-step statistics the cost is all in op dispatch.
+    """
+    return t.mul(0).ne(0)
+
+
 def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
     """Per-tensor norms (float32, in input order) and the total norm, in one foreach pass.
 
@@ -231,7 +240,7 @@ class StepContext:
         if isinstance(scale, Tensor):
             per = per / scale.to(per.device)
             total = total / scale.to(total.device)
-        finite = torch.isfinite(total)
+        finite = total.mul(0).eq(0)  # isfinite in two ops (see is_nonfinite())
         result = GradNorms(names=names, per_tensor=per, total=total, finite=finite, norm_type=norm_type)
         self._grad_norms[norm_type] = result
         return result

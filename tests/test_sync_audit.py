@@ -124,12 +124,16 @@ class _Loop:
 
 def _audited_counts(make_hooks: Callable[[], list[sg.Hook] | None] | None, **kwargs: Any) -> Counter[str]:
     loop = _Loop("cpu", make_hooks, **kwargs)
+    checks = set(range(CHECK_EVERY, 2 * CHECK_EVERY + 1, CHECK_EVERY))
+    if loop.guard is not None and loop.guard.early_check:
+        checks.add(loop.guard.early_check)  # Guard(repair=True) adds one after step 1
     with audit() as (total, excluded):
-        for _ in range(2):
-            for _ in range(CHECK_EVERY - 1):
+        for step in range(1, 2 * CHECK_EVERY + 1):
+            if step in checks:
+                with excluded():
+                    loop.step()  # a check point
+            else:
                 loop.step()
-            with excluded():
-                loop.step()  # the check point
     if loop.guard is not None:
         assert loop.guard.step == 2 * CHECK_EVERY
         loop.guard.close()
@@ -170,6 +174,8 @@ def test_the_audit_sees_a_host_read() -> None:
 
     assert _audited_counts(lambda: [Leaky()])["aten::item"] == 2 * (CHECK_EVERY - 1)
     assert _audited_counts(lambda: [Listy()])["tolist"] == 2 * (CHECK_EVERY - 1)
+    # The early check point of the repair set is excluded, and only it.
+    assert _audited_counts(lambda: [Leaky()], early_check=1)["aten::item"] == 2 * (CHECK_EVERY - 1) - 1
 
 
 def test_plain_loop_reads_nothing() -> None:

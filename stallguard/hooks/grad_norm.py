@@ -14,7 +14,7 @@ from .._modules import Slots
 from .._validate import check_float, check_int, check_norm_type, check_type
 from ..hook import Hook
 from ..registry import register
-from ..stats import CheckContext, StepContext
+from ..stats import CheckContext, StepContext, is_nonfinite
 
 __all__ = ["GradNormMonitor"]
 
@@ -155,6 +155,7 @@ class GradNormMonitor(Hook):
         self.add_state("loss_baseline", [])
         self.add_state("loss_start", None)
         self.add_state("loss_seen", 0)
+        self._zero: Tensor | None = None
         self.add_state("interval_start", 0)
         self.add_state("total_nonfinite", [])
         self._pending_state: dict[str, Any] | None = None
@@ -254,7 +255,7 @@ class GradNormMonitor(Hook):
         per, total = norms.per_tensor, norms.total
         layout = self._layout(i, norms.names, per.device)
         valid, bad = norms.finite, ~norms.finite
-        bad_param = ~torch.isfinite(per)
+        bad_param = is_nonfinite(per)
         skipped = _scaler_skipped(ctx, per.device)
         if skipped is not None:
             valid = valid & ~skipped
@@ -267,7 +268,9 @@ class GradNormMonitor(Hook):
         # A host int: the loss observed before this step (the batch whose gradients these are, when the
         # loop calls observe() before step()) is kept under the steps completed then.
         self.sampled_steps[i].append(ctx.step - 1)
-        zero = torch.zeros((), device=per.device)
+        zero = self._zero
+        if zero is None or zero.device != per.device:
+            zero = self._zero = torch.zeros((), device=per.device)  # read-only: only stacked
         row: list[Tensor] = [bad, zero, zero, zero, zero, zero]
         if layout.first is not None and layout.last is not None:
             first, last = per[layout.first], per[layout.last]

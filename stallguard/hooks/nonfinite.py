@@ -13,7 +13,7 @@ from .._modules import Slots
 from .._validate import check_int, check_type
 from ..hook import Hook
 from ..registry import register
-from ..stats import CheckContext, Observation, StepContext
+from ..stats import CheckContext, Observation, StepContext, is_nonfinite
 
 __all__ = ["NonFinite"]
 
@@ -157,9 +157,9 @@ class NonFinite(Hook):
         if norms is not None or test_params:
             # Row 0: gradients, row 1: parameters, one column per tensor of the step (aligned names).
             names = norms.names if norms is not None else ctx.grad_names
-            pbad = ~torch.isfinite(ctx.param_norms()) if test_params else None
+            pbad = is_nonfinite(ctx.param_norms()) if test_params else None
             if norms is not None:
-                gbad = ~torch.isfinite(norms.per_tensor)
+                gbad = is_nonfinite(norms.per_tensor)
                 row[_GRADS] = ~norms.finite
                 found = getattr(ctx.optimizer, "found_inf", None)
                 if isinstance(found, Tensor):
