@@ -262,11 +262,14 @@ class StepContext:
     def param_norms(self) -> Tensor:
         """Per-parameter weight norms (L2, float32), aligned with :attr:`grad_names`."""
         if self._param_norms is None:
-            params = [p.detach() for p in self._grads()[0]]
-            # Sharded weights (FSDP) are reduced across ranks like the gradients.
+            params = self._grads()[0]
+            # Sharded weights (FSDP) are reduced across ranks like the gradients. No autograd graph (and
+            # no detach per tensor): the norms are statistics.
             dctx = self.guard._distributed
             present = self._present()
-            self._param_norms = dctx.grad_norms(params, 2.0, present)[0] if params or present else torch.zeros(0)
+            with torch.no_grad():
+                norms = dctx.grad_norms(params, 2.0, present)[0] if params or present else torch.zeros(0)
+            self._param_norms = norms
         return self._param_norms
 
     def request_update(self) -> None:
