@@ -290,10 +290,14 @@ def pack_value(t: Tensor, how: str) -> Tensor:
         >>> unpack_value(pack_value(torch.tensor([1.0, 3.0]), "min").numpy(), "min", 1).tolist()
         [1.0, 3.0]
     """
-    flat = t.detach().reshape(-1)
+    # Each op skipped where it would be a no-op: a check point packs dozens of small states.
+    flat = t if t.dim() == 1 else t.reshape(-1)
+    if flat.requires_grad:
+        flat = flat.detach()
     if how in ("any", "all"):
         flat = flat != 0
-    flat = flat.to(torch.float64)
+    if flat.dtype != torch.float64:
+        flat = flat.to(torch.float64)
     return -flat if how in ("min", "all") else flat
 
 

@@ -813,13 +813,14 @@ class Guard:
             for name, how in states:
                 t: Tensor = getattr(h, name)
                 layout.append(("hook", h, name, how, tuple(t.shape)))
-                parts[_BUCKET[how]].append(pack_value(t.to(self.device), how))
+                parts[_BUCKET[how]].append(pack_value(t if t.device == self.device else t.to(self.device), how))
         pending: dict[str, list[int]] = {}
         for key in sorted(self._pending):  # sorted: the same layout on every rank
             stream = self._pending[key]
             if stream.n:
                 layout.append(("series", key, "mean", "mean", (stream.n,)))
-                parts["sum"].append(stream.values().to(self.device))
+                values = stream.values()
+                parts["sum"].append(values if values.device == self.device else values.to(self.device))
                 pending[key] = stream.take_steps()  # the buffer is read by the cat below, before any new add
         if dctx.multi:
             # Which hooks failed on each rank (and were disabled there): one column per rank.
