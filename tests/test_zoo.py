@@ -17,8 +17,7 @@ pytestmark = pytest.mark.slow
 #: Quick scenarios that stallguard does not yet diagnose correctly, with what it reports instead (see the
 #: "Stall zoo" section of benchmarks/RESULTS.md). strict=True: a fix makes the test pass and fail as XPASS,
 #: so the entry must then be removed.
-KNOWN_MISSES: dict[str, str] = {
-}
+KNOWN_MISSES: dict[str, str] = {}
 
 
 def _cases(names: list[str]) -> list:
