@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .causes import CAUSES, check_cause
 from .events import Event, Severity
 
@@ -103,17 +105,23 @@ class _Facts:
         """Forget ``loss_at_chance`` reports that the run has since left behind.
 
         A model that sat at the chance level for a while and then learned (a slow start) is not stuck:
-        when the recent losses lie clearly below the chance level the event quoted (twice its margin),
-        the report is history, not evidence.
+        when the recent losses lie clearly below the chance level the event quoted (twice its margin)
+        and the loss got there steeply, the report is history, not evidence. A model that memorizes
+        labels carrying no information about the inputs also leaves chance, but only as fast as revisits
+        of each sample fit it one by one: a few percent of chance per 100 steps, where a model that has
+        found the rule drops by tens of percent within 100 steps.
         """
         reports = self.by_kind.get("loss_at_chance")
         recent = self._recent_loss()
-        if not reports or math.isnan(recent):
+        if not reports or math.isnan(recent) or self.guard is None:
             return
+        series = self.guard.series("loss")
+        steps, values = series.steps, series.values
         kept = []
         for e in reports:
             chance, margin = _num(e.data.get("chance")), _num(e.data.get("margin"), 0.05)
-            if not (math.isfinite(chance) and recent < (1.0 - 2.0 * margin) * chance):
+            left = math.isfinite(chance) and recent < (1.0 - 2.0 * margin) * chance
+            if not (left and _steepest_fall(steps, values, e.step - 100) >= 4.0 * margin * chance):
                 kept.append(e)
         self.by_kind["loss_at_chance"] = kept
 
@@ -282,6 +290,14 @@ def _finite_ratio(e: Event) -> bool:
     """False for an update-ratio event whose ratio is NaN/Inf: it measures NaN weights, not the step size."""
     ratio = _num(e.data.get("median_ratio", e.data.get("ratio", 0.0)), 0.0)
     return math.isfinite(ratio)
+
+
+def _steepest_fall(steps: np.ndarray, values: np.ndarray, since: int, block: int = 50) -> float:
+    """The largest fall of the mean loss over at most 100 steps (``block``-step means, two blocks apart)."""
+    v = values[(steps >= since) & np.isfinite(values)]
+    means = [float(np.mean(v[i : i + block])) for i in range(0, len(v), block) if len(v[i : i + block]) >= 10]
+    falls = [means[i] - means[j] for i in range(len(means)) for j in range(i + 1, min(i + 3, len(means)))]
+    return max(falls, default=0.0)
 
 
 # ---------------------------------------------------------------------------------------------- rules

@@ -336,6 +336,12 @@ def test_a_loss_at_chance_the_run_has_left_behind_is_not_evidence() -> None:
     stuck.publish(chance)
     assert [d.cause for d in stuck.diagnose()] == ["no_signal"]
     stuck.close()
+    # Memorization: the loss leaves chance too, but a few percent of chance per 100 steps, never steeply.
+    creeping = _guard_with([], [3.9] * 200 + [3.9 - 0.002 * i for i in range(300)])
+    creeping.publish(chance)
+    assert creeping.series("loss").last(50).max() < 0.9 * 3.9  # clearly below chance by now
+    assert [d.cause for d in creeping.diagnose()] == ["no_signal"]
+    creeping.close()
 
 
 def test_construction_bugs_are_named_whatever_the_loss_does() -> None:

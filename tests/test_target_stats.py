@@ -101,11 +101,47 @@ def test_memorized_random_labels_leave_chance_only_slowly() -> None:
     (e,) = events_of(guard, "loss_at_chance")
     assert e.step == 200 and e.causes == ("no_signal",)
     assert 0.05 < e.data["fall"] <= 0.1 and "slowly" in e.message  # beyond the margin, within the allowed fall
-    # By the end it lies clearly below chance; from the training loss alone that is also what a slow
-    # learner looks like (tests/test_healthy_runs.py), so the diagnosis reads the report as history.
+    # By the end it lies clearly below chance, but it got there a few percent per 100 steps, not in the
+    # steep fall of a slow starter that finds the rule (tests/test_healthy_runs.py): the report stands.
     recent = float(torch.tensor(guard.series("loss").last(50)).median())
     assert recent < 0.9 * e.data["chance"]
-    assert guard.diagnose() == []
+    assert [d.cause for d in guard.diagnose()] == ["no_signal"]
+
+
+class TokenLSTM(nn.Module):
+    def __init__(self, vocab: int = 50) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 32)
+        self.lstm = nn.LSTM(32, 64, batch_first=True)
+        self.head = nn.Linear(64, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.embed(tokens))[0][:, -1])
+
+
+def test_an_lstm_memorizing_labels_its_tokens_do_not_determine() -> None:
+    # Meant as next-token data, but the recurrence is written in place, so the label is computed from a
+    # column that no longer reaches the model: 4096 sequences whose labels are noise. The LSTM memorizes
+    # them and the loss falls from ln 50 = 3.91 to about 3.35 in 500 steps, never steeply.
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (4096, 9), generator=g)
+    tokens[:, 1:] = (tokens[:, :-1] * 7 + 3) % 50
+    x, y = tokens[:, :-1], tokens[:, -1]
+    model = TokenLSTM()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    with sg.Guard(model, opt, sinks=[], check_every=25) as guard:
+        for _ in range(500):
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            out = model(x[idx])
+            loss = nn.functional.cross_entropy(out, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            guard.observe(loss, inputs=x[idx], outputs=out.detach(), targets=y[idx])
+            opt.step()
+    (e,) = events_of(guard, "loss_at_chance")
+    assert e.step == 200 and e.causes == ("no_signal",)
+    assert float(torch.tensor(guard.series("loss").last(50)).median()) < 0.9 * math.log(50)
+    assert [d.cause for d in guard.diagnose()][:1] == ["no_signal"]
 
 
 def test_the_same_set_with_learnable_labels_is_quiet() -> None:

@@ -17,10 +17,7 @@ pytestmark = pytest.mark.slow
 #: Quick scenarios that stallguard does not yet diagnose correctly, with what it reports instead (see the
 #: "Stall zoo" section of benchmarks/RESULTS.md). strict=True: a fix makes the test pass and fail as XPASS,
 #: so the entry must then be removed.
-KNOWN_MISSES: dict[str, str] = {
-    "random_labels_mlp": "no validation loss; the memorized training loss falls like a slow learner's, and the "
-    "loss_at_chance report is dropped once it lies 10% below chance",
-}
+KNOWN_MISSES: dict[str, str] = {}
 
 
 def _cases(names: list[str]) -> list:
