@@ -214,7 +214,7 @@ class Regularization(Hook):
         gn = norms.per_tensor.index_select(0, layout.positions)
         wn = ctx.param_norms().index_select(0, layout.positions)
         tiny = torch.finfo(torch.float32).tiny
-        # cos(g, w) of each layer on its fixed sample (at most 4096 elements, strided), times the exact
+        # cos(g, w) of each layer on its fixed sample (at most 4096 elements), times the exact
         # norms: the dot products cost a few foreach ops whatever the size, not a read of every weight.
         dot = _sample_cos(self._grads(ctx, layout), layout.params) * gn * wn
         coupled = [0.0 if d else w for w, d in zip(wds, decoupled)]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._validate import check_float, check_int
 from ..hook import Hook
 from ..registry import register
-from ..stats import CheckContext, StepContext
+from ..stats import CheckContext, StepContext, sample_view
 
 __all__ = ["ZeroGradCheck"]
 
@@ -26,7 +26,8 @@ class ZeroGradCheck(Hook):
 
     On sampled steps (every ``every`` optimizer steps) the check watches a few small parameters
     (``max_params``, the smallest ones with at least four elements; one that gets no gradient is
-    swapped for the next). Hooks on those parameters add up the
+    swapped for the next), each on its fixed sample of at most 4096 elements. Hooks on those
+    parameters add up the
     fresh gradient of every backward that lands in ``.grad`` since the last optimizer step; a backward
     that finds ``.grad`` cleared (``None``, or all zero after ``zero_grad(set_to_none=False)``) starts
     the sum again. Right before the step, ``.grad`` must then equal that sum. If it holds more,
@@ -136,10 +137,12 @@ class ZeroGradCheck(Hook):
             if old is None:
                 self._sums.pop(k, None)  # cleared with set_to_none=True: a fresh sum
             elif k in self._sums:
-                # Cleared with set_to_none=False: .grad is all zero; decided on the device.
-                cleared = (old == 0).all()
+                # Cleared with set_to_none=False: .grad is zero (on the sample); decided on the device.
+                cleared = (sample_view(old) == 0).all()
                 self._sums[k] = torch.where(cleared, torch.zeros_like(self._sums[k]), self._sums[k])
-            self._incoming[k] = g
+            # Only the tensor's fixed sample is summed and compared: .grad equals the sum of the fresh
+            # gradients element by element, so a sample shows leftovers as well as the whole tensor.
+            self._incoming[k] = sample_view(g)
 
         return pre
 
@@ -184,8 +187,9 @@ class ZeroGradCheck(Hook):
                 if p.grad is None:
                     idle.append(k)
                 continue
-            if p.grad.shape == s.shape:
-                grads.append(p.grad)
+            g = sample_view(p.grad)
+            if g.shape == s.shape:
+                grads.append(g)
                 sums.append(s)
         self._disarm()
         for k in idle:
