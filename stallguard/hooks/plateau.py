@@ -32,17 +32,17 @@ class Finding(NamedTuple):
     data: dict[str, Any]
 
 
-def _rank_z(current: np.ndarray, reference_sorted: np.ndarray) -> float:
+def _rank_z(current: Sequence[float] | np.ndarray, reference_sorted: np.ndarray) -> float:
     """How far ``current`` lies below ``reference``, as a Mann-Whitney z score (positive: lower).
 
     Rank based, so the size of the values does not matter, only their order: a series that keeps
     falling always tests lower, whatever its steps, and a flat noisy one rarely does.
     """
     n1, n2 = len(current), len(reference_sorted)
-    below = np.searchsorted(reference_sorted, current, side="left")  # reference values < current
-    not_above = np.searchsorted(reference_sorted, current, side="right")  # reference values <= current
-    # Pairs where current is lower, ties counted half.
-    lower = float(np.sum(n2 - not_above) + 0.5 * np.sum(not_above - below))
+    below = int(reference_sorted.searchsorted(current, side="left").sum())  # reference values < current
+    not_above = int(reference_sorted.searchsorted(current, side="right").sum())  # reference values <= current
+    # Pairs where current is lower, ties counted half (summed over the current values).
+    lower = n1 * n2 - not_above + 0.5 * (not_above - below)
     mean = n1 * n2 / 2.0
     sd = math.sqrt(n1 * n2 * (n1 + n2 + 1) / 12.0)
     return (lower - mean) / sd
@@ -461,7 +461,7 @@ class PlateauDetector(Hook):
         improved = self._better(level, self.best) and (
             self.window == 1
             or self.noise_z == 0
-            or _rank_z(self._sign() * np.asarray(win), self._sign_sorted()) >= self.noise_z
+            or _rank_z(win if self.mode == "min" else [-v for v in win], self._sign_sorted()) >= self.noise_z
         )
         # Divergence: the level far worse than the best window (non-finite values are counted in update()).
         bound = self._divergence_bound(self.best)
@@ -520,7 +520,8 @@ class PlateauDetector(Hook):
         cached = getattr(self, "_sorted_cache", None)
         if cached is not None and cached[0] is self.best_window:
             return cached[1]
-        ref = np.sort(self._sign() * np.asarray(self.best_window, dtype=np.float64))
+        best = np.asarray(self.best_window, dtype=np.float64)  # kept sorted by _set_best
+        ref = best if self.mode == "min" else -best[::-1]
         self._sorted_cache = (self.best_window, ref)
         return ref
 
