@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -155,3 +156,28 @@ def test_bad_arguments(kwargs, error, match) -> None:
 def test_registered_as_a_default_monitor() -> None:
     assert "UpdateRatio" in [type(h).__name__ for h in sg.default_hooks()]
     assert isinstance(sg.create("update_ratio", low=1e-6), sg.UpdateRatio)
+
+
+@pytest.mark.parametrize("shape", [(5,), (4096,), (4097,), (64, 3, 7, 7), (1000, 128)])
+def test_update_sample_view_and_copy_pick_the_same_elements(shape: tuple[int, ...]) -> None:
+    from stallguard.stats import UPDATE_SAMPLE, _sample, sample_view
+
+    p = torch.nn.Parameter(torch.randn(shape))
+    view = sample_view(p)
+    assert view.numel() == min(p.numel(), UPDATE_SAMPLE)
+    assert torch.equal(view, _sample(p))  # the copy taken where a view is impossible
+    assert view.data_ptr() >= p.data_ptr()  # a view: it follows in-place updates
+    with torch.no_grad():
+        p.add_(1.0)
+    assert torch.equal(view, _sample(p))
+    # A transposed (non-contiguous) weight is sampled by copy, from the same flat positions.
+    t = torch.randn(shape[::-1]).permute(*reversed(range(len(shape))))
+    assert torch.equal(sample_view(t), _sample(t.contiguous()))
+
+
+def test_two_op_finiteness_test_matches_isfinite() -> None:
+    from stallguard.stats import is_nonfinite
+
+    x = torch.tensor([0.0, -0.0, 3e38, -1.0, math.inf, -math.inf, math.nan])
+    for t in (x, x.half(), x.bfloat16(), x.double()):
+        assert torch.equal(is_nonfinite(t), ~torch.isfinite(t))
