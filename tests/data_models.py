@@ -75,11 +75,11 @@ def train(
 class TokenLSTM(nn.Module):
     """Embedding + LSTM classifier over integer token ids."""
 
-    def __init__(self, vocab: int = 50, classes: int = 3) -> None:
+    def __init__(self, vocab: int = 50, classes: int = 3, embed: int = 16, hidden: int = 32) -> None:
         super().__init__()
-        self.emb = nn.Embedding(vocab, 16)
-        self.lstm = nn.LSTM(16, 32, batch_first=True)
-        self.head = nn.Linear(32, classes)
+        self.emb = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(self.emb(ids))

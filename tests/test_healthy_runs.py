@@ -16,6 +16,7 @@ from torch import nn
 
 import stallguard as sg
 from stallguard.demo import _blobs, _cnn, _images, _RNNClassifier, _sequences, _TinyTransformer
+from tests.data_models import TokenLSTM
 
 
 def quiet(guard: sg.Guard) -> None:
@@ -113,17 +114,6 @@ def test_small_transformer_with_adamw_and_one_cycle() -> None:
     trained(guard, 0.5)
 
 
-class _TokenLSTM(nn.Module):
-    def __init__(self, vocab: int = 50) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, 32)
-        self.lstm = nn.LSTM(32, 64, batch_first=True)
-        self.head = nn.Linear(64, vocab)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lstm(self.embed(tokens))[0][:, -1])
-
-
 def test_slow_starting_lstm_ends_undiagnosed() -> None:
     # The label (one of 50 tokens) is a function of the first of 12 tokens: the LSTM must carry it past 11
     # random ones. The loss sits near chance (ln 50) for a couple of hundred steps, then the model learns.
@@ -132,7 +122,7 @@ def test_slow_starting_lstm_ends_undiagnosed() -> None:
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 50, (4096, 13), generator=gen)
     tokens[:, -1] = (tokens[:, 0] * 7 + 3) % 50
-    model = _TokenLSTM()
+    model = TokenLSTM(classes=50, embed=32, hidden=64)  # the label is one of the 50 tokens
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     guard = loop(model, opt, sampler(tokens[:, :-1], tokens[:, -1], 64), 500)
     assert [e.step for e in guard.events if e.kind == "loss_at_chance"] == [200]  # the path under test

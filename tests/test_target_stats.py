@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import stallguard as sg
-from tests.data_models import kinds, linear_labels, mlp, train, warnings
+from tests.data_models import TokenLSTM, kinds, linear_labels, mlp, train, warnings
 
 
 def events_of(guard: sg.Guard, kind: str) -> list[sg.Event]:
@@ -108,17 +108,6 @@ def test_memorized_random_labels_leave_chance_only_slowly() -> None:
     assert [d.cause for d in guard.diagnose()] == ["no_signal"]
 
 
-class TokenLSTM(nn.Module):
-    def __init__(self, vocab: int = 50) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, 32)
-        self.lstm = nn.LSTM(32, 64, batch_first=True)
-        self.head = nn.Linear(64, vocab)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lstm(self.embed(tokens))[0][:, -1])
-
-
 def test_an_lstm_memorizing_labels_its_tokens_do_not_determine() -> None:
     # Meant as next-token data, but the recurrence is written in place, so the label is computed from a
     # column that no longer reaches the model: 4096 sequences whose labels are noise. The LSTM memorizes
@@ -127,7 +116,7 @@ def test_an_lstm_memorizing_labels_its_tokens_do_not_determine() -> None:
     tokens = torch.randint(0, 50, (4096, 9), generator=g)
     tokens[:, 1:] = (tokens[:, :-1] * 7 + 3) % 50
     x, y = tokens[:, :-1], tokens[:, -1]
-    model = TokenLSTM()
+    model = TokenLSTM(classes=50, embed=32, hidden=64)  # the label is one of the 50 tokens
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     with sg.Guard(model, opt, sinks=[], check_every=25) as guard:
         for _ in range(500):
