@@ -930,17 +930,10 @@ class Guard:
                 self._remote_failures.add((h.name, r))
                 # The failing rank's own hook_error reached only its guard.events and log; this one
                 # reaches the sinks of the writing rank.
-                self.publish(
-                    Event(
-                        kind="hook_error",
-                        severity=Severity.ERROR,
-                        message=f"{h.name} failed on rank {r} (see that rank's log); it is disabled on every rank",
-                        step=self.step,
-                        data={"hook": h.name, "method": "unknown", "error": f"raised on rank {r}"},
-                        epoch=self._epoch,
-                        rank=r,
-                        world_size=self.world_size,
-                    )
+                self._publish_hook_error(
+                    f"{h.name} failed on rank {r} (see that rank's log); it is disabled on every rank",
+                    {"hook": h.name, "method": "unknown", "error": f"raised on rank {r}"},
+                    rank=r,
                 )
 
     def _report_rank_nonfinite(self, table: np.ndarray) -> None:
@@ -1083,15 +1076,22 @@ class Guard:
             method,
             "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         )
+        self._publish_hook_error(
+            f"{hook.name}.{method} raised {type(exc).__name__}: {exc}; the hook is disabled",
+            {"hook": hook.name, "method": method, "error": f"{type(exc).__name__}: {exc}"},
+            rank=self.rank if self._distributed.multi else None,
+        )
+
+    def _publish_hook_error(self, message: str, data: dict[str, Any], *, rank: int | None) -> None:
         self.publish(
             Event(
                 kind="hook_error",
                 severity=Severity.ERROR,
-                message=f"{hook.name}.{method} raised {type(exc).__name__}: {exc}; the hook is disabled",
+                message=message,
                 step=self.step,
-                data={"hook": hook.name, "method": method, "error": f"{type(exc).__name__}: {exc}"},
+                data=data,
                 epoch=self._epoch,
-                rank=self.rank if self._distributed.multi else None,
+                rank=rank,
                 world_size=self.world_size,
             )
         )
