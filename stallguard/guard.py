@@ -47,6 +47,10 @@ _LIFECYCLE = (
     "on_close",
 )
 
+# The per-step methods, whose hooks run only on the steps where they are due.
+_PER_STEP = ("on_observe", "on_before_step", "on_after_step")
+_NONE_DUE: tuple[Hook, ...] = ()
+
 # Which packed collective carries each reduction (see stallguard.distributed).
 _BUCKET = {"max": "max", "min": "max", "any": "max", "all": "max", "sum": "sum", "mean": "sum", "gather": "gather"}
 
@@ -285,6 +289,8 @@ class Guard:
         self._closed = False
         self._handles: list[Any] = []
         self._contexts: dict[int, StepContext] = {}
+        # Per per-step method: no hook is due before this step (see Hook.next_due); 0 = ask every hook.
+        self._quiet: dict[str, int | float] = dict.fromkeys(_PER_STEP, 0)
         self._publish_depth = 0
         self.sink_failures: dict[int, int] = {}
         # Under torch.distributed: whether this rank's observed loss was non-finite since the last step
@@ -629,7 +635,8 @@ class Guard:
             **metrics: Any named scalars, such as ``val_loss=0.41`` (floats or scalar tensors).
 
         Raises:
-            TypeError: for a loss, metric or batch argument of the wrong type.
+            TypeError: for a loss, metric or batch argument of the wrong type (batch arguments are
+                checked on the first call and on the calls whose batch a hook reads).
             ValueError: for a non-scalar loss or metric, or batch tensors of different lengths.
         """
         if self._closed:
@@ -639,7 +646,6 @@ class Guard:
             metrics[key] = self._check_scalar(key, metrics[key])
             if metrics[key] is None:
                 raise TypeError(f"Guard.observe: metric {key}=None; pass a number or a scalar tensor")
-        self._check_batch(inputs=inputs, outputs=outputs, targets=targets)
         if epoch is not None:
             self.epoch = epoch
         step = self.step
@@ -653,7 +659,10 @@ class Guard:
             self._stream(key, value).add(step, value)
         index = self._observe_count
         self._observe_count += 1
-        due = [h for h in self._by_method["on_observe"] if h.enabled and h.is_due(step)]
+        due = self._due("on_observe", step)
+        if due or index == 0:
+            # Only hooks read the batch, on their steps: checked there (and on the first call), not on every step.
+            self._check_batch(inputs, outputs, targets)
         if not due:
             return
         obs = Observation(
@@ -673,6 +682,8 @@ class Guard:
         if value is None:
             return None
         if isinstance(value, Tensor):
+            if value.dim() == 0 and value.is_floating_point():  # the common case, in few calls
+                return value.detach() if value.requires_grad else value
             if value.numel() != 1:
                 raise ValueError(
                     f"Guard.observe: {name} must be a scalar (one element), got a tensor of shape "
@@ -689,12 +700,18 @@ class Guard:
         raise TypeError(f"Guard.observe: {name} must be a scalar tensor or a number, got {type(value).__name__}")
 
     @staticmethod
-    def _check_batch(**batch: Any) -> None:
-        if all(v is None or (isinstance(v, Tensor) and v.dim() > 0) for v in batch.values()):
-            # The common case: tensors with a batch dimension; compare their lengths without building dicts.
-            lengths = {v.shape[0] for v in batch.values() if v is not None}
-            if len(lengths) <= 1:
-                return
+    def _check_batch(inputs: Any, outputs: Any, targets: Any) -> None:
+        # The common case first, without building anything (it runs every step): tensors of one batch length.
+        n = -1
+        for v in (inputs, outputs, targets):
+            if v is None:
+                continue
+            if not isinstance(v, Tensor) or v.dim() == 0 or (n >= 0 and v.size(0) != n):
+                break
+            n = v.size(0)
+        else:
+            return
+        batch = {"inputs": inputs, "outputs": outputs, "targets": targets}
         sizes = {}
         for key, value in batch.items():
             if value is None:
@@ -750,9 +767,8 @@ class Guard:
     def _before(self, index: int) -> None:
         if self._closed:
             return
-        step = self.step + 1
         # The context (and its parameter lists) is built only on steps where some hook is due.
-        due = [h for h in self._by_method["on_before_step"] if h.enabled and h.is_due(step)]
+        due = self._due("on_before_step", self.step + 1)
         if not due:
             return
         ctx = self._contexts[index] = self._context(index)
@@ -762,9 +778,8 @@ class Guard:
     def _after(self, index: int) -> None:
         if self._closed:
             return
-        step = self.step + 1
         ctx = self._contexts.pop(index, None)
-        due = [h for h in self._by_method["on_after_step"] if h.enabled and h.is_due(step)]
+        due = self._due("on_after_step", self.step + 1)
         if due:
             ctx = ctx or self._context(index)
             for h in due:
@@ -776,6 +791,22 @@ class Guard:
             if self.step % self.check_every == 0 or self.step == self.early_check:
                 self.check()
             self._step_begin(self.step + 1)
+
+    def _due(self, method: str, step: int) -> Sequence[Hook]:
+        """The enabled hooks whose ``method`` runs on ``step``: none, without asking, before the next due step."""
+        if step < self._quiet[method]:
+            return _NONE_DUE
+        due = [h for h in self._by_method[method] if h.enabled and h.is_due(step)]
+        if not due:
+            # Skip ahead to the first step some hook (enabled or not: enabling takes effect at once) may be due.
+            firsts = [s for h in self._by_method[method] if (s := h.next_due(step + 1)) is not None]
+            self._quiet[method] = min(firsts, default=math.inf)
+        return due
+
+    def _schedule_changed(self) -> None:
+        """Forget the skip-ahead steps (a cadence, a restored state or a check point may have moved them)."""
+        for method in self._quiet:
+            self._quiet[method] = 0
 
     def _step_begin(self, step: int) -> None:
         for h in self._by_method["on_step_begin"]:
@@ -886,6 +917,7 @@ class Guard:
         for h in self._by_method["on_check"]:
             if h.enabled:
                 self._call(h, "on_check", CheckContext(self, self.step, values_by_hook[id(h)], final=final))
+        self._schedule_changed()  # a decision may change what a hook samples next
         self._flush_sinks()
 
     def agree_nonfinite(self, bad: Tensor) -> Tensor:
@@ -1162,6 +1194,7 @@ class Guard:
                 f"missing in state: {sorted(names - set(saved))}"
             )
         self.step = int(state["step"])
+        self._schedule_changed()
         self._epoch = state["epoch"]
         self.optimizer_steps = list(state["optimizer_steps"])
         self._observe_count = int(state["observe_count"])

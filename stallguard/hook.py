@@ -110,13 +110,13 @@ class Hook:
 
     def __init__(self, *, every: int = 1, start_step: int = 0, name: str | None = None) -> None:
         owner = type(self).__name__
-        self.every = check_int(owner, "every", every, min=1)
-        self.start_step = check_int(owner, "start_step", start_step, min=0)
+        self.guard: Guard | None = None
+        self.every = every
+        self.start_step = start_step
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"{owner}: name must be a non-empty str, got {name!r}")
         self.name: str = name or owner
         self._given_name = name
-        self.guard: Guard | None = None
         self.enabled = True
         self._states: dict[str, _State] = {}
         self._handles: list[Any] = []
@@ -147,16 +147,74 @@ class Hook:
         """Called once when the Guard closes."""
 
     # ----------------------------------------------------------------- helpers for subclasses
+    @property
+    def every(self) -> int:
+        """Run the per-step methods every this many optimizer steps (takes effect at once when set)."""
+        return self._every
+
+    @every.setter
+    def every(self, value: int) -> None:
+        self._every = check_int(type(self).__name__, "every", value, min=1)
+        self._cadence_changed()
+
+    @property
+    def start_step(self) -> int:
+        """Do nothing per step before this step (takes effect at once when set)."""
+        return self._start_step
+
+    @start_step.setter
+    def start_step(self, value: int) -> None:
+        self._start_step = check_int(type(self).__name__, "start_step", value, min=0)
+        self._cadence_changed()
+
     def is_due(self, step: int) -> bool:
         """Whether the per-step methods run on optimizer step ``step``."""
-        return step >= self.start_step and self.falls_on(step, self.every)
+        return step >= self._start_step and self.falls_on(step, self._every)
+
+    def next_due(self, step: int) -> int | None:
+        """The first step at or after ``step`` on which :meth:`is_due` can be True; None for never.
+
+        The Guard skips a method's hooks without asking :meth:`is_due` on the steps before the earliest
+        of their ``next_due``, so that steps where nothing is due cost almost nothing. It asks again
+        after each check point, after ``load_state_dict`` and when ``every`` or ``start_step`` change.
+        A subclass that overrides :meth:`is_due` overrides this too, with a step that is never later
+        than the first due one; if it does not, the Guard asks :meth:`is_due` on every step.
+
+        Example:
+            >>> import stallguard as sg
+            >>> sg.Hook(every=10, start_step=5).next_due(6)
+            15
+        """
+        cls = type(self)
+        if cls.is_due is not Hook.is_due or cls.falls_on is not Hook.falls_on:
+            return step
+        return self.next_on(max(step, self._start_step), self._every)
 
     def falls_on(self, step: int, every: int) -> bool:
         """Whether ``step`` is on a cadence of ``every`` steps counted from ``start_step`` (0: never).
 
         For hooks that sample different things at different cadences.
         """
-        return bool(every) and (step - self.start_step) % every == 0
+        return bool(every) and (step - self._start_step) % every == 0
+
+    def next_on(self, step: int, every: int) -> int | None:
+        """The first step at or after ``step`` for which :meth:`falls_on` is True; None when ``every`` is 0.
+
+        Example:
+            >>> import stallguard as sg
+            >>> sg.Hook(start_step=3).next_on(10, 4)
+            11
+        """
+        if not every:
+            return None
+        r = (step - self._start_step) % every
+        return step if r == 0 else step + every - r
+
+    def _cadence_changed(self) -> None:
+        # Tells the Guard that its skip-ahead schedule may be out of date (see next_due).
+        guard = getattr(self, "guard", None)  # None also while a subclass sets every before Hook.__init__
+        if guard is not None:
+            guard._schedule_changed()
 
     def emit(
         self,
@@ -249,6 +307,7 @@ class Hook:
             ValueError: when a saved tensor's shape differs from the declared one.
         """
         owner = type(self).__name__
+        self._cadence_changed()  # restored counters (a warm-up, a one-time look) can make steps due again
         for name, spec in self._states.items():
             if name not in state:
                 raise KeyError(f"{owner}.load_state_dict: missing state {name!r}")

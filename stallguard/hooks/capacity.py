@@ -108,6 +108,9 @@ class CapacityCheck(Hook):
     def is_due(self, step: int) -> bool:
         return not self.checked  # one look, at the first step
 
+    def next_due(self, step: int) -> int | None:
+        return None if self.checked else step
+
     def on_before_step(self, ctx: StepContext) -> None:
         if self.checked:
             return

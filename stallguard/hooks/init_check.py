@@ -90,6 +90,9 @@ class InitCheck(Hook):
     def is_due(self, step: int) -> bool:
         return not self.first_step_checked  # one look, at the first step
 
+    def next_due(self, step: int) -> int | None:
+        return None if self.first_step_checked else step
+
     def on_before_step(self, ctx: StepContext) -> None:
         if self.first_step_checked:
             return

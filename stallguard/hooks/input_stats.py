@@ -151,6 +151,10 @@ class InputStats(Hook):
         # The first `warmup` observations are always sampled, then one step in `every`.
         return step >= self.start_step and (self.sampled < self.warmup or super().is_due(step))
 
+    def next_due(self, step: int) -> int | None:
+        first = max(step, self.start_step)
+        return first if self.sampled < self.warmup else self.next_on(first, self.every)
+
     # ----------------------------------------------------------------- lifecycle
     def on_observe(self, obs: Observation) -> None:
         if obs.inputs is None:

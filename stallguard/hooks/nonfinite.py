@@ -138,6 +138,15 @@ class NonFinite(Hook):
         # Only the tested steps call in: observe() sees the step before the one under way, hence step + 1.
         return any(self.falls_on(s, e) for s in (step, step + 1) for e in (self.grad_every, self.param_every))
 
+    def next_due(self, step: int) -> int | None:
+        firsts = [
+            s - lag
+            for e in (self.grad_every, self.param_every)
+            for lag in (0, 1)
+            if (s := self.next_on(step + lag, e)) is not None
+        ]
+        return min(firsts, default=None)
+
     def _add(self, where: int, bad: Tensor) -> None:
         prev = self._pending[where]
         self._pending[where] = bad if prev is None else prev | bad  # several observe calls (accumulation)

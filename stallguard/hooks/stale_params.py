@@ -192,6 +192,9 @@ class StaleParams(Hook):
         # The first steps (for grads_missing), then only the steps that sample the update.
         return self.falls_on(step, self.update_every) or not self.grads_decided
 
+    def next_due(self, step: int) -> int | None:
+        return step if not self.grads_decided else self.next_on(step, self.update_every)
+
     def on_before_step(self, ctx: StepContext) -> None:
         self._watch_grads(ctx)
         if self.falls_on(ctx.step, self.update_every):

@@ -127,6 +127,9 @@ class UpdateRatio(Hook):
         # sampled hooks take (10, 20, ...), so that the gradient norms and the update are measured once.
         return step == 1 or self.falls_on(step, self.every)
 
+    def next_due(self, step: int) -> int | None:
+        return step if step <= 1 else self.next_on(step, self.every)
+
     def on_attach(self, guard: Guard) -> None:
         if not self.layers:
             self.layers = weight_names(guard.module)
