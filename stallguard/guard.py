@@ -838,45 +838,59 @@ class Guard:
         layout: list[tuple[str, Any, str, str, tuple[int, ...]]] = []
         parts: dict[str, list[Tensor]] = {"max": [], "sum": [], "gather": []}
         described: list[Any] = []
+        # One process: every state travels as it is, in one vector (the cat converts the dtypes), and
+        # nothing is negated or compared; the multi-rank layout packs each for its reduction instead.
+        raw: list[Tensor] | None = None if dctx.multi else [torch.zeros(0, dtype=torch.float64, device=self.device)]
         for h in self.hooks:
             states = h._synced_states()
-            described.append((h.name, type(h).__name__, [(n, how, tuple(getattr(h, n).shape)) for n, how in states]))
+            if raw is None:
+                described.append(
+                    (h.name, type(h).__name__, [(n, how, tuple(getattr(h, n).shape)) for n, how in states])
+                )
             for name, how in states:
                 t: Tensor = getattr(h, name)
                 layout.append(("hook", h, name, how, tuple(t.shape)))
-                parts[_BUCKET[how]].append(pack_value(t if t.device == self.device else t.to(self.device), how))
+                if t.device != self.device:
+                    t = t.to(self.device)
+                if raw is None:
+                    parts[_BUCKET[how]].append(pack_value(t, how))
+                else:
+                    flat = t if t.dim() == 1 else t.reshape(-1)
+                    raw.append(flat.detach() if flat.requires_grad else flat)
         pending: dict[str, list[int]] = {}
         for key in sorted(self._pending):  # sorted: the same layout on every rank
             stream = self._pending[key]
             if stream.n:
                 layout.append(("series", key, "mean", "mean", (stream.n,)))
                 values = stream.values()
-                parts["sum"].append(values if values.device == self.device else values.to(self.device))
+                (parts["sum"] if raw is None else raw).append(values.to(self.device))
                 pending[key] = stream.take_steps()  # the buffer is read by the cat below, before any new add
-        if dctx.multi:
-            # Which hooks failed on each rank (and were disabled there): one column per rank.
-            failed = [0.0 if h.enabled or id(h) in self._disabled_elsewhere else 1.0 for h in self.hooks]
-            disabled = torch.zeros(len(self.hooks), dctx.world_size, dtype=torch.float64)
-            disabled[:, dctx.rank] = torch.tensor(failed, dtype=torch.float64)
-            layout.append(("disabled", None, "disabled", "max", tuple(disabled.shape)))
-            parts["max"].append(disabled.reshape(-1).to(self.device))
-            # Whether any rank has anything new: the final check of close() runs on every rank, but
-            # calls the hooks only when some rank stepped or observed since the last check point.
-            news = float(self.step > self._last_check_step or bool(pending))
-            layout.append(("news", None, "news", "max", (1,)))
-            parts["max"].append(torch.tensor([news], dtype=torch.float64, device=self.device))
-            if self._rank_nonfinite is not None:
-                layout.append(("rank_nonfinite", None, "rank_nonfinite", "max", tuple(self._rank_nonfinite.shape)))
-                parts["max"].append(pack_value(self._rank_nonfinite, "max"))
-            dctx.check_layout(
-                {
-                    "step": self.step,
-                    "hooks": described,
-                    "observed": [(k, len(pending[k])) for k in sorted(pending)],
-                    "skip_flags": self._rank_nonfinite is not None,
-                },
-                timeout=timeout,
-            )
+        if raw is not None:
+            self._finish_check(layout, self._read_raw(raw, layout), pending, final)
+            return
+        # Which hooks failed on each rank (and were disabled there): one column per rank.
+        failed = [0.0 if h.enabled or id(h) in self._disabled_elsewhere else 1.0 for h in self.hooks]
+        disabled = torch.zeros(len(self.hooks), dctx.world_size, dtype=torch.float64)
+        disabled[:, dctx.rank] = torch.tensor(failed, dtype=torch.float64)
+        layout.append(("disabled", None, "disabled", "max", tuple(disabled.shape)))
+        parts["max"].append(disabled.reshape(-1).to(self.device))
+        # Whether any rank has anything new: the final check of close() runs on every rank, but
+        # calls the hooks only when some rank stepped or observed since the last check point.
+        news = float(self.step > self._last_check_step or bool(pending))
+        layout.append(("news", None, "news", "max", (1,)))
+        parts["max"].append(torch.tensor([news], dtype=torch.float64, device=self.device))
+        if self._rank_nonfinite is not None:
+            layout.append(("rank_nonfinite", None, "rank_nonfinite", "max", tuple(self._rank_nonfinite.shape)))
+            parts["max"].append(pack_value(self._rank_nonfinite, "max"))
+        dctx.check_layout(
+            {
+                "step": self.step,
+                "hooks": described,
+                "observed": [(k, len(pending[k])) for k in sorted(pending)],
+                "skip_flags": self._rank_nonfinite is not None,
+            },
+            timeout=timeout,
+        )
         empty = torch.zeros(0, dtype=torch.float64, device=self.device)
         max_flat = torch.cat(parts["max"]) if parts["max"] else empty
         sum_flat = torch.cat(parts["sum"]) if parts["sum"] else empty
@@ -886,19 +900,47 @@ class Guard:
         both = torch.cat([max_flat, sum_flat.to(max_flat.device)]).cpu().numpy()
         host = {"max": both[: max_flat.numel()], "sum": both[max_flat.numel() :]}
         offsets = {"max": 0, "sum": 0, "gather": 0}
-        values_by_hook: dict[int, dict[str, Any]] = {id(h): {} for h in self.hooks}
-        anything_new = True
-        for owner_kind, owner, name, how, shape in layout:
+        arrays: list[np.ndarray] = []
+        for _, _, _, how, shape in layout:
             size = math.prod(shape)
             bucket = _BUCKET.get(how, "max")
             start = offsets[bucket]
             offsets[bucket] += size
             if bucket == "gather":
-                arr = np.asarray(gathered)[:, start : start + size].reshape(dctx.world_size, *shape)
+                arrays.append(np.asarray(gathered)[:, start : start + size].reshape(dctx.world_size, *shape))
             else:
                 arr = np.asarray(unpack_value(host[bucket][start : start + size], how, dctx.world_size))
+                arrays.append(arr.reshape(shape))
+        self._finish_check(layout, arrays, pending, final)
+
+    def _read_raw(
+        self, raw: list[Tensor], layout: list[tuple[str, Any, str, str, tuple[int, ...]]]
+    ) -> list[np.ndarray]:
+        """One process: the states as host arrays, from one vector read in one transfer."""
+        host = torch.cat(raw).cpu().numpy()  # the one device-to-host read of the check point
+        arrays = []
+        start = 0
+        for _, _, _, how, shape in layout:
+            size = math.prod(shape)
+            arr = host[start : start + size]
+            start += size
+            if how in ("any", "all"):
+                arr = arr != 0
+            arrays.append(arr.reshape(1, *shape) if how == "gather" else arr.reshape(shape))
+        return arrays
+
+    def _finish_check(
+        self,
+        layout: list[tuple[str, Any, str, str, tuple[int, ...]]],
+        arrays: list[np.ndarray],
+        pending: dict[str, list[int]],
+        final: bool,
+    ) -> None:
+        """Hand the read states to their owners, reset the per-interval states, and run the hooks' checks."""
+        values_by_hook: dict[int, dict[str, Any]] = {id(h): {} for h in self.hooks}
+        anything_new = True
+        for (owner_kind, owner, name, _, shape), arr in zip(layout, arrays):
             if owner_kind == "hook":
-                arr = arr.reshape(shape) if bucket != "gather" else arr
                 values_by_hook[id(owner)][name] = arr.item() if arr.ndim == 0 else arr
             elif owner_kind == "series":
                 self._commit_series(owner, pending[owner], arr.astype(np.float64))
@@ -908,8 +950,7 @@ class Guard:
                 anything_new = bool(arr[0] > 0)
             else:
                 self._report_rank_nonfinite(arr.reshape(shape))
-        for h in self.hooks:
-            h._reset_states()
+        self._reset_states()
         self._last_check_step = self.step
         if final and not anything_new:
             self._flush_sinks()
@@ -919,6 +960,15 @@ class Guard:
                 self._call(h, "on_check", CheckContext(self, self.step, values_by_hook[id(h)], final=final))
         self._schedule_changed()  # a decision may change what a hook samples next
         self._flush_sinks()
+
+    def _reset_states(self) -> None:
+        """Put every hook's per-interval states back to their defaults, in one op."""
+        targets: list[Tensor] = []
+        defaults: list[Tensor] = []
+        for h in self.hooks:
+            h._reset_pairs(targets, defaults)
+        if targets:
+            torch._foreach_copy_(targets, defaults)
 
     def agree_nonfinite(self, bad: Tensor) -> Tensor:
         """Agree across ranks on whether this step's gradients are non-finite (device-side, no host read).

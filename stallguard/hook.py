@@ -371,11 +371,15 @@ class Hook:
     def _synced_states(self) -> list[tuple[str, str]]:
         return [(n, s.reduce) for n, s in self._states.items() if s.is_tensor and s.reduce is not None]
 
-    def _reset_states(self) -> None:
+    def _reset_pairs(self, targets: list[Tensor], defaults: list[Tensor]) -> None:
+        """Add each per-interval state and its default (on the state's device) to the lists to copy."""
         for name, spec in self._states.items():
             if spec.reset:
                 t: Tensor = getattr(self, name)
-                t.copy_(spec.default.to(t.device))
+                if spec.default.device != t.device:
+                    spec.default = spec.default.to(t.device)  # moved once, not at every check point
+                targets.append(t)
+                defaults.append(spec.default)
 
     def _require_guard(self, what: str) -> Guard:
         if self.guard is None:

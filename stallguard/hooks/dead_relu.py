@@ -518,9 +518,9 @@ class DeadReLUCounter(Hook):
         return site
 
     def _reset_window(self) -> None:
-        for site in self._sites:
-            getattr(self, f"alive_{site.index}").zero_()
-            getattr(self, f"samples_{site.index}").zero_()
+        states = [getattr(self, f"{kind}_{site.index}") for site in self._sites for kind in ("alive", "samples")]
+        if states:
+            torch._foreach_zero_(states)  # one op for all sites
         self.window_batches = 0
         self.window_steps = []
 
