@@ -307,6 +307,21 @@ def test_dense_prediction_layouts(out_shape: tuple, tgt_shape: tuple, classes: i
     guard.close()
 
 
+def test_long_sequences_are_counted_on_a_rotating_subset_of_rows() -> None:
+    # 2 x 256 token positions, labels alternating 0/1 by position: a fixed stride-2 subset would see
+    # one class only; the rotating start sees both, 256 rows of 3 classes per call.
+    hook = sg.TargetStats(every=1, max_logits=768)
+    model = nn.Linear(2, 2)
+    guard = sg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), hooks=[hook], sinks=[], strict=True)
+    targets = (torch.arange(256) % 2).repeat(2, 1)
+    outputs = nn.functional.one_hot(targets, 3).float()  # predicts every label right
+    for _ in range(2):
+        guard.observe(outputs=outputs, targets=targets)
+    assert hook.labels.tolist() == [256.0, 256.0, 0.0]
+    assert hook.window_preds.tolist() == [256.0, 256.0, 0.0]
+    guard.close()
+
+
 # ----------------------------------------------------------------------------- state and arguments
 def test_state_dict_round_trip_through_torch_save() -> None:
     hook = sg.TargetStats(every=1)
@@ -346,6 +361,7 @@ def test_state_dict_round_trip_through_torch_save() -> None:
         ({"min_validations": 0}, ValueError, "min_validations must be an int >= 1"),
         ({"patience": 2}, ValueError, "patience must be an int >= 5"),
         ({"ignore_index": None}, TypeError, "ignore_index must be an int"),
+        ({"max_logits": 0}, ValueError, "max_logits must be an int >= 1, got 0"),
     ],
 )
 def test_bad_arguments_name_the_hook_and_the_parameter(kwargs: dict, error: type, text: str) -> None:

@@ -52,6 +52,9 @@ class TargetStats(Hook):
     classes into per-class device counters (``index_add_`` into fixed-size states: unlike
     ``torch.bincount`` it needs no host read of the largest label), and counts labels outside
     ``[0, C)`` (``ignore_index`` excepted). The shape check runs on the host on every sampled call.
+    Outputs with more than ``max_logits`` elements (a language model's ``(N, L, C)``) are counted on a
+    strided subset of their rows of at most that size, starting at a different row each call: on a
+    CPU, the argmax over every token of a large vocabulary would cost more than the rest of the Guard.
     At check points:
 
     * ``shape_mismatch`` (error, once per pair of shapes): float outputs and targets whose shapes
@@ -113,6 +116,8 @@ class TargetStats(Hook):
         val_monitor: The validation-loss stream compared with the chance level.
         min_validations: Validations observed before the validation loss is judged.
         ignore_index: A label value that marks positions to ignore (as in ``cross_entropy``).
+        max_logits: Output elements counted per call at most (whole rows of classes, see above):
+            65 rows of a 1000-token vocabulary, every row of a 64-sample, 10-class batch.
         start_step: Count no step before this one.
         name: Name used as the event source.
 
@@ -151,6 +156,7 @@ class TargetStats(Hook):
         val_monitor: str = "val_loss",
         min_validations: int = 3,
         ignore_index: int = -100,
+        max_logits: int = 65536,
         start_step: int = 0,
         name: str | None = None,
     ) -> None:
@@ -178,6 +184,8 @@ class TargetStats(Hook):
         self.val_monitor = val_monitor
         self.min_validations = check_int(owner, "min_validations", min_validations, min=1)
         self.ignore_index = check_int(owner, "ignore_index", ignore_index)
+        self.max_logits = check_int(owner, "max_logits", max_logits, min=1)
+        self._calls = 0  # rotates the first counted row when outputs are subsampled
         # Host state: the task seen, what was reported, the episodes in progress.
         self.add_state("task", None)
         self.add_state("n_classes", None)
@@ -281,7 +289,15 @@ class TargetStats(Hook):
         assert c is not None
         if task == "multiclass":
             labels = tgt.reshape(-1)
-            preds = out.argmax(class_dim).reshape(-1)
+            if class_dim == out.dim() - 1 and out.numel() > self.max_logits:
+                rows = out.reshape(-1, c)
+                stride = -(-rows.shape[0] // max(self.max_logits // c, 1))
+                first = self._calls % stride
+                self._calls += 1
+                rows, labels = rows[first::stride], labels[first::stride]
+                preds = rows.argmax(1)
+            else:
+                preds = out.argmax(class_dim).reshape(-1)
         else:
             o = out.reshape(-1).float()
             is_prob = (o.amin() >= 0) & (o.amax() <= 1)
@@ -301,7 +317,7 @@ class TargetStats(Hook):
         vw = valid.to(torch.float64)
         self.window_preds.index_add_(0, preds, vw)
         if not tgt.is_floating_point():
-            self.out_of_range.add_(vw.sum() - w.sum())
+            self.out_of_range.add_((valid ^ inside).sum())  # valid, not inside (inside implies valid)
             # Ignored positions take an in-range value, which moves neither end past an out-of-range label.
             lo, hi = torch.aminmax(torch.where(valid, labels, idx))
             torch.minimum(self.label_min, lo, out=self.label_min)
