@@ -204,6 +204,66 @@ def test_state_dict_round_trip_through_torch_save() -> None:
     g2.close()
 
 
+def _masked_reference(batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-channel statistics written plainly with isfinite masks, as the hook defines them."""
+    f64 = torch.float64
+    ref: dict[str, torch.Tensor] = {}
+    for x in batches:
+        dims = (0, 2, 3)
+        finite = torch.isfinite(x)
+        n = finite.sum(dims, dtype=f64)
+        mean = torch.where(finite, x, 0.0).sum(dims, dtype=f64) / n.clamp_min(1.0)
+        centred = torch.where(finite, x - mean.to(x.dtype).reshape(1, -1, 1, 1), 0.0)
+        part = {
+            "count": n,
+            "s1": mean * n,
+            "s2": centred.square().sum(dims, dtype=f64) + n * mean.square(),
+            "lo": torch.where(finite, x, math.inf).amin(dims).to(f64),
+            "hi": torch.where(finite, x, -math.inf).amax(dims).to(f64),
+            "nan": torch.isnan(x).sum(dtype=f64),
+        }
+        for k, v in part.items():
+            if k not in ref:
+                ref[k] = v
+            elif k == "lo":
+                ref[k] = torch.minimum(ref[k], v)
+            elif k == "hi":
+                ref[k] = torch.maximum(ref[k], v)
+            else:
+                ref[k] = ref[k] + v
+    return ref
+
+
+def test_statistics_match_isfinite_masks_bit_for_bit() -> None:
+    # The hook avoids bool masks (slow on the CPU); its float-only passes must give exactly what
+    # isfinite masks give, with NaN, both infinities, a channel with no finite value and a large mean.
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(4):
+        x = torch.randn(6, 4, 5, 5, generator=g) * 3 + torch.tensor([0.0, 1e4, -2.0, 0.5]).reshape(1, 4, 1, 1)
+        if i >= 1:
+            bad = torch.rand(x.shape, generator=g) < 0.1
+            fill = torch.tensor([math.nan, math.inf, -math.inf])[torch.randint(0, 3, x.shape, generator=g)]
+            x = torch.where(bad, fill, x)
+        if i == 2:
+            x[:, 3] = math.nan
+        batches.append(x)
+    hook = sg.InputStats(warmup=4)
+    guard = sg.Guard(None, None, hooks=[hook], sinks=[], check_every=100)
+    for x in batches:
+        guard.observe(torch.tensor(1.0), inputs=x)
+        guard.after_step()
+    ref = _masked_reference(batches)
+    for name, want in ref.items():
+        assert torch.equal(getattr(hook, name), want), name
+    nonfinite = sum(int((~torch.isfinite(x)).sum()) for x in batches)
+    assert nonfinite > 50 and float(hook.elements) * 4 - float(hook.count.sum()) == nonfinite
+    assert float(hook.nan) == sum(int(torch.isnan(x).sum()) for x in batches) > 0
+    guard.close()
+    (e,) = events_of(guard, "nonfinite_inputs")
+    assert e.data["total"] == nonfinite and e.data["nan"] == float(ref["nan"]) and 3 in e.data["features"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "text"),
     [

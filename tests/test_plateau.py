@@ -338,6 +338,58 @@ def test_any_series_is_handled(values):
         sg.Event(kind=f.kind, severity="info", message="", data=f.data)  # JSON-safe evidence
 
 
+def _series(kind: str, n: int, noise: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n, dtype=float)
+    y = {
+        "falling": 2.0 * np.exp(-t / 150) + 0.1,
+        "stall": np.where(t < n / 3, 2.0 - t / n, 1.6),
+        "rise": np.where((t > n / 3) & (t < n / 2), 5.0, 1.0) * np.exp(-t / 400),
+        "to_zero": 2.0 * np.exp(-t / 40),
+        "swings": 1.0 + 0.5 * np.sign(np.sin(t / 7)),
+        "ties": np.round(2.0 * np.exp(-t / 300), 1),
+    }[kind]
+    y = y * (1 + noise * rng.standard_normal(n))
+    if seed % 3 == 0:
+        y[rng.integers(0, n, 3)] = [np.nan, np.inf, 1e6]
+    return y
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["falling", "stall", "rise", "to_zero", "swings", "ties"]),
+    n=st.integers(20, 600),
+    noise=st.sampled_from([0.0, 0.02, 0.2]),
+    seed=st.integers(0, 1000),
+    chunk=st.sampled_from([8, 13, 50, 1000]),
+    window=st.sampled_from([1, 6, 7, 50]),
+    patience=st.sampled_from([3, 20, 50]),
+    mode=st.sampled_from(["min", "max"]),
+    warmup=st.sampled_from([0, 60]),
+    cooldown=st.sampled_from([0, 10]),
+)
+def test_batched_scan_decides_as_step_by_step(kind, n, noise, seed, chunk, window, patience, mode, warmup, cooldown):
+    # update() skips the observations that change only counters in one vectorised pass; the same
+    # values fed where that pass never runs (batches below its minimum) must give the same findings
+    # and the same state.
+    from stallguard.hooks import plateau
+
+    values = _series(kind, n, noise, seed)
+    kwargs = {"window": window, "patience": patience, "mode": mode, "warmup": warmup, "cooldown": cooldown}
+    fast, slow = PlateauDetector(**kwargs), PlateauDetector(**kwargs)
+    for i in range(0, n, chunk):
+        part, steps = values[i : i + chunk], np.arange(i, i + chunk)[: len(values[i : i + chunk])] * 3
+        got = fast.update(part, steps)
+        minimum = plateau._SCAN_MIN
+        plateau._SCAN_MIN = 10**9
+        try:
+            want = slow.update(part, steps)
+        finally:
+            plateau._SCAN_MIN = minimum
+        assert repr(got) == repr(want)
+        assert repr(fast.state_dict()) == repr(slow.state_dict())
+
+
 # ----------------------------------------------------------------------------- state and resume
 def test_resumed_guard_emits_the_same_events():
     # A real loss trace: learning, a stall (lr 0), learning again.

@@ -166,7 +166,8 @@ class InputStats(Hook):
             return
         if x.dim() == 0 or x.numel() == 0:
             return
-        x = x.detach()
+        if x.requires_grad:
+            x = x.detach()
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()  # half precision sums overflow
         dim = self._feature_dim(x)
@@ -184,7 +185,10 @@ class InputStats(Hook):
         v = check.values
         if self.n_features is None or v.get("batches", 0.0) <= 0:
             return
-        nonfinite = float(v["nonfinite"])
+        # Every value not counted as finite: the features times the values per feature, less the counts.
+        nonfinite = float(np.asarray(v["elements"], dtype=np.float64)) * self.n_features - float(
+            np.asarray(v["count"], dtype=np.float64).sum()
+        )
         if nonfinite > self.nonfinite_seen:
             self._report_nonfinite(v, nonfinite - self.nonfinite_seen, nonfinite)
             self.nonfinite_seen = nonfinite
@@ -351,33 +355,41 @@ class InputStats(Hook):
         self.add_state("s2", torch.zeros(n, dtype=f64), reduce="sum")
         self.add_state("lo", torch.full((n,), math.inf, dtype=f64), reduce="min")
         self.add_state("hi", torch.full((n,), -math.inf, dtype=f64), reduce="max")
-        self.add_state("nonfinite", torch.zeros((), dtype=f64), reduce="sum")
         self.add_state("nan", torch.zeros((), dtype=f64), reduce="sum")
         self.add_state("batches", torch.zeros((), dtype=f64), reduce="sum")
 
     def _fold(self, x: Tensor, dim: int | None) -> None:
+        # Float ops only: on the CPU an op that makes or reads a bool mask (isfinite, where, isnan)
+        # costs several times a float one, and the batch is read once per op. nan_to_num with a fill
+        # is where(isfinite(x), x, fill) in one float op; the non-finite total is derived at check
+        # points from the counts.
         if dim is None:
             x = x.reshape(-1, 1)
             dim = 1
         dims = tuple(d for d in range(x.dim()) if d != dim)
         shape = [1] * x.dim()
         shape[dim] = x.shape[dim]
-        finite = torch.isfinite(x)
-        n = finite.sum(dims, dtype=torch.float64)
-        xf = torch.where(finite, x, 0.0)
-        batch_mean = xf.sum(dims, dtype=torch.float64) / n.clamp_min(1.0)
-        centred = torch.where(finite, x - batch_mean.to(x.dtype).reshape(shape), 0.0)
-        m2 = centred.square().sum(dims, dtype=torch.float64)
+        f64 = torch.float64
+        per_feature = x.numel() // x.shape[dim]
+        # Counts of 0/1 values are exact in the input's float type below 2**24 (float32's integers):
+        # summed there, they skip a float64 copy of the batch.
+        count_dtype = x.dtype if x.numel() < 2**24 else f64
+        xf = x.nan_to_num(0.0, 0.0, 0.0)
+        ones = x.mul(0).add_(1.0).nan_to_num_(0.0)  # 1 where finite, else 0 (x * 0 is NaN there)
+        n = ones.sum(dims, dtype=count_dtype).to(f64)
+        batch_mean = xf.sum(dims, dtype=f64) / n.clamp_min(1.0)
+        # x - mean where finite, +0 elsewhere: the product is exact, so this rounds as the difference.
+        centred = torch.addcmul(xf, batch_mean.to(x.dtype).reshape(shape), ones, value=-1.0)
+        m2 = centred.mul_(centred).sum(dims, dtype=f64)
         # Sum of squares from the centred part, so large means do not cancel the variance away.
         self.s1.add_(batch_mean * n)
         self.s2.add_(m2 + n * batch_mean.square())
         self.count.add_(n)
-        self.elements.add_(x.numel() // x.shape[dim])
-        self.lo.copy_(torch.minimum(self.lo, torch.where(finite, x, math.inf).amin(dims).to(torch.float64)))
-        self.hi.copy_(torch.maximum(self.hi, torch.where(finite, x, -math.inf).amax(dims).to(torch.float64)))
-        bad = (~finite).sum(dtype=torch.float64)
-        self.nonfinite.add_(bad)
-        self.nan.add_(torch.isnan(x).sum(dtype=torch.float64))
+        self.elements.add_(per_feature)
+        torch.minimum(self.lo, x.nan_to_num(math.inf, math.inf, math.inf).amin(dims), out=self.lo)
+        torch.maximum(self.hi, x.nan_to_num(-math.inf, -math.inf, -math.inf).amax(dims), out=self.hi)
+        # 1 at NaN, 0 elsewhere (finite values cancel exactly, infinities become 0 in both).
+        self.nan.add_(x.nan_to_num(1.0, 0.0, 0.0).sub_(xf).sum(dtype=count_dtype))
         self.batches.add_(1.0)
 
     # ----------------------------------------------------------------- state

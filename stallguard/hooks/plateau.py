@@ -83,6 +83,154 @@ def _kruskal_ratio(blocks: np.ndarray) -> float:
     return h / tie / (k - 1)
 
 
+# Batches of at least this many observations go through the vectorised scan (_QuietScan); shorter
+# ones are cheaper step by step.
+_SCAN_MIN = 8
+
+
+class _QuietScan:
+    """Finds the *quiet* observations of one :meth:`PlateauDetector.update` call in vectorised numpy.
+
+    A quiet observation is finite, completes a window, neither improves on the best window nor
+    crosses the divergence bound, is no explosion, leaves ``converged`` as it is and does not bring
+    the count of observations without improvement to the patience: all it changes is that count,
+    the cooldown and the recent values. :meth:`skip` applies a run of them at once and returns the
+    first observation the step-by-step logic must see. The window medians, the rank counts and the
+    arithmetic are those of the step-by-step logic, term for term, so both take the same decisions.
+    """
+
+    def __init__(self, det: PlateauDetector, vals: np.ndarray) -> None:
+        self.det = det
+        self.vals = vals
+        w = det.window
+        finite = np.isfinite(vals)
+        fidx = np.arange(len(vals)) if finite.all() else np.flatnonzero(finite)
+        recent = det.recent
+        prev = recent[max(len(recent) - (w - 1), 0) :] if w > 1 else []
+        # The finite stream the windows slide over: the last window - 1 values already seen, then these.
+        ext = np.concatenate([prev, vals[fidx]]) if prev else vals[fidx]
+        self.ext = ext
+        # The window ending at ext position p belongs to new finite value p - len(prev); whole windows
+        # only: from the first position past the old values where window values were seen in all.
+        self.first = first = max(w - 1, len(prev), w - 1 - det.finite + len(prev))
+        self.where = where = fidx[first - len(prev) :]  # index into vals of each whole window's last value
+        self.level = np.full(len(vals), np.nan)
+        self.complete = np.zeros(len(vals), dtype=bool)
+        if len(where):
+            windows = np.sort(ext[np.arange(first - w + 1, len(ext) - w + 1)[:, None] + np.arange(w)], axis=1)
+            mid = w // 2
+            self.level[where] = windows[:, mid] if w % 2 else (windows[:, mid - 1] + windows[:, mid]) / 2.0
+            self.complete[where] = True
+        self._key: tuple[Any, ...] | None = None
+        self._loud: np.ndarray | None = None
+        self._patience: np.ndarray | None = None
+
+    def _converged_mask(self) -> np.ndarray:
+        det = self.det
+        start = det._start()
+        if det.mode != "min" or not start > 0:
+            return np.zeros(len(self.level), dtype=bool)
+        return (self.level >= 0) & (self.level <= det.converged_fraction * start)
+
+    def _loud_mask(self) -> np.ndarray:
+        # Observations that may change the state beyond the counters, for the current best window.
+        det = self.det
+        key = (det.best_window, det.best, det.start)
+        if self._key is not None and self._key[0] is key[0] and self._key[1:] == key[1:]:
+            assert self._loud is not None
+            return self._loud
+        best, level, vals = det.best, self.level, self.vals
+        assert best is not None
+        loud = ~self.complete
+        if det.mode == "min":
+            better = (
+                level < best * (1.0 - det.threshold) if det.threshold_mode == "rel" else level < best - det.threshold
+            )
+        else:
+            better = (
+                level > best * (1.0 + det.threshold) if det.threshold_mode == "rel" else level > best + det.threshold
+            )
+        if det.window > 1 and det.noise_z > 0 and better.any():
+            better &= self._rank_z() >= det.noise_z
+        bound = det._divergence_bound(best)
+        worse = level > bound if det.mode == "min" else level < bound
+        loud = loud | better | worse
+        if det.mode == "min":
+            ref = max(det._start(), best)
+            if ref > 0:
+                loud |= vals > det.explosion_factor * ref
+        self._key, self._loud = key, loud
+        return loud
+
+    def _rank_z(self) -> np.ndarray:
+        # _rank_z for every whole window at once: the rank counts of each value, summed per window.
+        det = self.det
+        ref = det._sign_sorted()
+        u = self.ext if det.mode == "min" else -self.ext
+        w, n2 = det.window, len(ref)
+        # Prefix sums of the counts; a window's count is the difference across it.
+        below = np.concatenate(([0], np.cumsum(ref.searchsorted(u, side="left"))))
+        not_above = np.concatenate(([0], np.cumsum(ref.searchsorted(u, side="right"))))
+        f = self.first
+        below = below[f + 1 :] - below[f + 1 - w : len(below) - w]
+        not_above = not_above[f + 1 :] - not_above[f + 1 - w : len(not_above) - w]
+        lower = (w * n2 - not_above) + 0.5 * (not_above - below)
+        z = np.full(len(self.level), np.nan)
+        z[self.where] = (lower - w * n2 / 2.0) / math.sqrt(w * n2 * (w + n2 + 1) / 12.0)
+        return z
+
+    def _patience_by_level(self) -> np.ndarray:
+        # _patience for every level (the start level is fixed once a best exists).
+        if self._patience is not None:
+            return self._patience
+        det = self.det
+        if det.patience_growth == 0 or det.mode != "min":
+            pat = np.full(len(self.level), float(det.patience))
+        else:
+            start = det._start()
+            progress = np.minimum(np.maximum(1.0 - self.level / start, 0.0), 1.0) if start > 0 else 0.0
+            pat = np.ceil(det.patience * (1.0 + det.patience_growth * progress))
+            pat = np.where(self._converged_mask(), float(det.patience), pat)
+        self._patience = pat
+        return pat
+
+    def skip(self, i: int) -> int:
+        """Apply the quiet observations from index ``i`` on; return the index of the first loud one."""
+        det = self.det
+        if det.best is None:
+            return i
+        loud = self._loud_mask()[i:]
+        if det.converged:
+            loud = loud | ~self._converged_mask()[i:]
+        hits = np.flatnonzero(loud)
+        run = int(hits[0]) if len(hits) else len(loud)
+        if run == 0:
+            return i
+        # The count without improvement, as _observe_window keeps it: +1 each, back to 0 in the
+        # warm-up and while the cooldown runs.
+        t = np.arange(run)
+        if det.observations + 1 > det.warmup and det.cooldown_counter == 0:
+            num_bad = det.num_bad + 1 + t
+        else:
+            zero = (det.observations + 1 + t <= det.warmup) | (t < det.cooldown_counter)
+            last_zero = np.maximum.accumulate(np.where(zero, t, -1))
+            num_bad = np.where(last_zero >= 0, t - last_zero, det.num_bad + 1 + t)
+        due = np.flatnonzero(num_bad >= self._patience_by_level()[i : i + run])
+        if len(due):
+            run = int(due[0])  # that observation reports a plateau: step by step
+            if run == 0:
+                return i
+        det.observations += run
+        det.finite += run
+        det.recent.extend(self.vals[i : i + run].tolist())
+        if len(det.recent) > det._keep:
+            del det.recent[: len(det.recent) - det._keep]
+        det.num_bad = int(num_bad[run - 1])
+        det.cooldown_counter = max(det.cooldown_counter - run, 0)
+        det._worse = False
+        return i + run
+
+
 @register("plateau", default="monitor")
 class PlateauDetector(Hook):
     """Report when a loss (or any observed metric) stops improving, diverges, or swings without progress.
@@ -350,29 +498,23 @@ class PlateauDetector(Hook):
         self._rise = None
         self._rise_began = False
         self._worse = False
-        nonfinite = 0
-        first_bad_step: int | None = None
-        explosion: tuple[float, int, float] | None = None
-        for v, s in zip(vals.tolist(), stp.tolist()):
-            self.observations += 1
-            if not math.isfinite(v):
-                nonfinite += 1
-                self.last_nonfinite_obs = self.observations
-                if first_bad_step is None:
-                    first_bad_step = s
-                self._begin_divergence(s)
-                continue
-            self._push(v)
-            if self.mode == "min":
-                # Against the first value, or the best level when that is higher: a lucky first batch
-                # must not make ordinary values look like an explosion.
-                ref = max(self._start(), self.best) if self.best is not None else self._start()
-                if ref > 0 and v > self.explosion_factor * ref:
-                    self._begin_divergence(s)
-                    if explosion is None or v > explosion[0]:
-                        explosion = (v, s, ref)
-            if self.finite >= self.window:
-                out.extend(self._observe_window(s))
+        # [non-finite count, first non-finite step, (largest explosive value, its step, reference)]
+        acc: list[Any] = [0, None, None]
+        values_list, steps_list = vals.tolist(), stp.tolist()
+        n = len(values_list)
+        # Most observations change nothing but counters; a vectorised pass finds and skips them in
+        # bulk, and only the ones that may change the best, the counters' course or an event go
+        # through the step-by-step logic below.
+        quiet = _QuietScan(self, vals) if n >= _SCAN_MIN else None
+        i = 0
+        while i < n:
+            if quiet is not None:
+                i = quiet.skip(i)
+                if i >= n:
+                    break
+            self._observe_one(values_list[i], steps_list[i], out, acc)
+            i += 1
+        nonfinite, first_bad_step, explosion = acc
         divergence: Finding | None = None
         if nonfinite:
             divergence = Finding(
@@ -411,6 +553,28 @@ class PlateauDetector(Hook):
             out.append(divergence)
             out.sort(key=lambda f: f.step)  # stable: findings of one step keep their order
         return out
+
+    def _observe_one(self, v: float, s: int, out: list[Finding], acc: list[Any]) -> None:
+        # One observation, step by step; ``acc`` collects what update() reports after the loop.
+        self.observations += 1
+        if not math.isfinite(v):
+            acc[0] += 1
+            self.last_nonfinite_obs = self.observations
+            if acc[1] is None:
+                acc[1] = s
+            self._begin_divergence(s)
+            return
+        self._push(v)
+        if self.mode == "min":
+            # Against the first value, or the best level when that is higher: a lucky first batch
+            # must not make ordinary values look like an explosion.
+            ref = max(self._start(), self.best) if self.best is not None else self._start()
+            if ref > 0 and v > self.explosion_factor * ref:
+                self._begin_divergence(s)
+                if acc[2] is None or v > acc[2][0]:
+                    acc[2] = (v, s, ref)
+        if self.finite >= self.window:
+            out.extend(self._observe_window(s))
 
     def _push(self, v: float) -> None:
         self.finite += 1
