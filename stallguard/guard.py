@@ -291,6 +291,7 @@ class Guard:
         self._contexts: dict[int, StepContext] = {}
         # Per per-step method: no hook is due before this step (see Hook.next_due); 0 = ask every hook.
         self._quiet: dict[str, int | float] = dict.fromkeys(_PER_STEP, 0)
+        self._due_seen: dict[str, tuple[int, list[Hook]]] = {m: (-1, []) for m in _PER_STEP}
         self._publish_depth = 0
         self.sink_failures: dict[int, int] = {}
         # Under torch.distributed: whether this rank's observed loss was non-finite since the last step
@@ -794,19 +795,26 @@ class Guard:
 
     def _due(self, method: str, step: int) -> Sequence[Hook]:
         """The enabled hooks whose ``method`` runs on ``step``: none, without asking, before the next due step."""
+        seen_step, seen = self._due_seen[method]
+        if step == seen_step:
+            # Called again on the same step (accumulation, several optimizers): ask only the hooks due
+            # at the first call; the others stay quiet until their next_due, which lies after this step.
+            return [h for h in seen if h.enabled and h.is_due(step)]
         if step < self._quiet[method]:
             return _NONE_DUE
-        due = [h for h in self._by_method[method] if h.enabled and h.is_due(step)]
-        if not due:
-            # Skip ahead to the first step some hook (enabled or not: enabling takes effect at once) may be due.
-            firsts = [s for h in self._by_method[method] if (s := h.next_due(step + 1)) is not None]
-            self._quiet[method] = min(firsts, default=math.inf)
+        hooks = self._by_method[method]
+        due = [h for h in hooks if h.enabled and h.is_due(step)]
+        # Skip ahead to the first later step some hook (enabled or not: enabling takes effect at once) may be due.
+        firsts = [s for h in hooks if (s := h.next_due(step + 1)) is not None]
+        self._quiet[method] = min(firsts, default=math.inf)
+        self._due_seen[method] = (step, due)
         return due
 
     def _schedule_changed(self) -> None:
         """Forget the skip-ahead steps (a cadence, a restored state or a check point may have moved them)."""
         for method in self._quiet:
             self._quiet[method] = 0
+            self._due_seen[method] = (-1, [])
 
     def _step_begin(self, step: int) -> None:
         for h in self._by_method["on_step_begin"]:
