@@ -223,7 +223,7 @@ class TargetStats(Hook):
         elif (self.task, self.n_classes) != (task, n_classes):
             self._skipped = f"{task} with {n_classes} classes after {self.task} with {self.n_classes}"
             return
-        self._count(out.detach(), tgt.detach(), task, class_dim)
+        self._count(out.detach() if out.requires_grad else out, tgt, task, class_dim)
 
     def _layout(self, out: Tensor, tgt: Tensor) -> tuple[str, int, int] | None:
         """(task, classes, class dim) from dtypes and shapes, or None after reporting a mismatch."""
@@ -279,7 +279,6 @@ class TargetStats(Hook):
         self.add_state("labels", torch.zeros(n_classes, dtype=f64), reduce="sum")
         self.add_state("window_labels", torch.zeros(n_classes, dtype=f64), reduce="sum", reset=True)
         self.add_state("window_preds", torch.zeros(n_classes, dtype=f64), reduce="sum", reset=True)
-        self.add_state("out_of_range", torch.zeros((), dtype=f64), reduce="sum")
         self.add_state("label_min", torch.full((), math.inf, dtype=f64), reduce="min")
         self.add_state("label_max", torch.full((), -math.inf, dtype=f64), reduce="max")
         self.add_state("nonbinary", torch.zeros((), dtype=f64), reduce="sum")
@@ -317,7 +316,6 @@ class TargetStats(Hook):
         vw = valid.to(torch.float64)
         self.window_preds.index_add_(0, preds, vw)
         if not tgt.is_floating_point():
-            self.out_of_range.add_((valid ^ inside).sum())  # valid, not inside (inside implies valid)
             # Ignored positions take an in-range value, which moves neither end past an out-of-range label.
             lo, hi = torch.aminmax(torch.where(valid, labels, idx))
             torch.minimum(self.label_min, lo, out=self.label_min)
@@ -332,10 +330,11 @@ class TargetStats(Hook):
         if self.task == "binary?" and float(v["nonbinary"]) > 0:
             self.task = "regression"  # float targets other than 0/1: not a binary classification
             return
-        oor = float(v["out_of_range"])
-        if oor > self.out_of_range_seen:
-            self._report_out_of_range(v, oor)
-            self.out_of_range_seen = oor
+        # Labels out of range: the valid ones (each adds a prediction) that no class slot counted.
+        new = float(np.sum(v["window_preds"]) - np.sum(v["window_labels"]))
+        if new > 0:
+            self._report_out_of_range(v, new)
+            self.out_of_range_seen += new
         counts = np.asarray(v["labels"], dtype=np.float64).reshape(-1)
         if counts.sum() <= 0:
             return
@@ -353,8 +352,8 @@ class TargetStats(Hook):
         self._check_chance(check, counts, imbalanced)
         self._check_val_chance(check, chance, imbalanced)
 
-    def _report_out_of_range(self, v: dict[str, Any], total: float) -> None:
-        new = total - self.out_of_range_seen
+    def _report_out_of_range(self, v: dict[str, Any], new: float) -> None:
+        total = self.out_of_range_seen + new
         lo, hi = float(v["label_min"]), float(v["label_max"])
         self.emit(
             "labels_out_of_range",
