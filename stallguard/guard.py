@@ -68,6 +68,11 @@ _CONFIG_KEYS = {
 }
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
 class Series:
     """The host-side history of one scalar stream (the loss, or a metric such as ``val_loss``).
 
@@ -84,18 +89,22 @@ class Series:
     def __init__(self, name: str, maxlen: int) -> None:
         self.name = name
         self.total = 0
-        self._steps: collections.deque[int] = collections.deque(maxlen=maxlen)
-        self._values: collections.deque[float] = collections.deque(maxlen=maxlen)
+        self._maxlen = maxlen
+        # Growing arrays that hold the live history in [start, end): reading is a view, not a copy,
+        # and a check point appends its interval's values in one slice assignment.
+        self._step_buf = np.zeros(0, dtype=np.int64)
+        self._value_buf = np.zeros(0, dtype=np.float64)
+        self._start = self._end = 0
 
     @property
     def steps(self) -> np.ndarray:
-        """Optimizer steps completed when each value was observed."""
-        return np.fromiter(self._steps, dtype=np.int64, count=len(self._steps))
+        """Optimizer steps completed when each value was observed (a read-only array)."""
+        return _frozen(self._step_buf[self._start : self._end])
 
     @property
     def values(self) -> np.ndarray:
-        """The values, oldest first, as float64."""
-        return np.fromiter(self._values, dtype=np.float64, count=len(self._values))
+        """The values, oldest first, as float64 (a read-only array)."""
+        return _frozen(self._value_buf[self._start : self._end])
 
     def last(self, n: int) -> np.ndarray:
         """The last ``n`` values (fewer if fewer were observed)."""
@@ -103,17 +112,31 @@ class Series:
         return v[-n:] if n > 0 else v[:0]
 
     def __len__(self) -> int:
-        return len(self._values)
+        return self._end - self._start
 
-    def _append(self, step: int, value: float) -> None:
-        self._steps.append(step)
-        self._values.append(value)
-        self.total += 1
+    def _extend(self, steps: np.ndarray, values: np.ndarray) -> None:
+        k = len(values)
+        self.total += k
+        if k > self._maxlen:
+            steps, values, k = steps[-self._maxlen :], values[-self._maxlen :], self._maxlen
+        if self._end + k > len(self._value_buf):
+            # Move the part still kept to a new buffer of twice its size (at most 2 * maxlen): earlier
+            # views stay valid, and the copying stays amortized O(1) per value.
+            keep = min(self._end - self._start, self._maxlen - k)
+            size = min(max(2 * (keep + k), 64), 2 * self._maxlen)
+            step_buf, value_buf = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.float64)
+            step_buf[:keep] = self._step_buf[self._end - keep : self._end]
+            value_buf[:keep] = self._value_buf[self._end - keep : self._end]
+            self._step_buf, self._value_buf, self._start, self._end = step_buf, value_buf, 0, keep
+        self._step_buf[self._end : self._end + k] = steps
+        self._value_buf[self._end : self._end + k] = values
+        self._end += k
+        self._start = max(self._start, self._end - self._maxlen)
 
     def since(self, total: int) -> tuple[np.ndarray, np.ndarray]:
         """Steps and values appended after the first ``total`` (as far as the history still holds them)."""
-        n = min(max(self.total - total, 0), len(self._values))
-        return self.steps[len(self._steps) - n :], self.values[len(self._values) - n :]
+        n = min(max(self.total - total, 0), len(self))
+        return self.steps[len(self) - n :], self.values[len(self) - n :]
 
     def __repr__(self) -> str:
         return f"Series({self.name!r}, n={len(self)})"
@@ -1075,13 +1098,13 @@ class Guard:
         series = self._series.get(name)
         if series is None:
             series = self._series[name] = Series(name, self.history)
-        i = 0
-        while i < len(steps):
-            j = i
-            while j + 1 < len(steps) and steps[j + 1] == steps[i]:
-                j += 1
-            series._append(steps[i], float(values[i]) if j == i else float(values[i : j + 1].mean()))
-            i = j + 1
+        at = np.asarray(steps, dtype=np.int64)
+        if len(at) > 1 and bool((at[1:] == at[:-1]).any()):
+            # Several values of one step (gradient accumulation): their mean.
+            first = np.flatnonzero(np.concatenate(([True], at[1:] != at[:-1])))
+            values = np.add.reduceat(values, first) / np.diff(np.append(first, len(at)))
+            at = at[first]
+        series._extend(at, values)
 
     # ----------------------------------------------------------------- events
     def publish(self, event: Event) -> None:
@@ -1224,7 +1247,7 @@ class Guard:
             "last_check_step": self._last_check_step,
             "stop_reasons": list(self._stop_reasons),
             "series": {
-                k: {"steps": list(s._steps), "values": list(s._values), "total": s.total}
+                k: {"steps": s.steps.tolist(), "values": s.values.tolist(), "total": s.total}
                 for k, s in self._series.items()
             },
             "pending": pending,
@@ -1261,8 +1284,7 @@ class Guard:
         self._series = {}
         for key, s in state["series"].items():
             series = self._series[key] = Series(key, self.history)
-            for st, v in zip(s["steps"], s["values"]):
-                series._append(int(st), float(v))
+            series._extend(np.asarray(s["steps"], dtype=np.int64), np.asarray(s["values"], dtype=np.float64))
             series.total = int(s.get("total", series.total))
         self._pending = {}
         for key, entries in state["pending"].items():

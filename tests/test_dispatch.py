@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -72,3 +73,26 @@ def test_non_finite_losses_stay_non_finite_in_the_series() -> None:
     values = guard.series("loss").values
     guard.close()
     assert values[0] == 1.0 and math.isnan(values[1]) and values[2] == math.inf
+
+
+def test_the_series_keeps_the_last_history_values_across_many_check_points() -> None:
+    guard = sg.Guard(None, None, hooks=[], sinks=[], check_every=7, history=20)
+    early = None
+    for i in range(1, 101):
+        guard.observe(float(i))
+        if i % 3 == 0:
+            guard.observe(float(i) + 1.0)  # a second value of the step: averaged with the first
+        guard.after_step()
+        if i == 14:
+            early = guard.series("loss").values
+    series = guard.series("loss")
+    expected = [i + 0.5 if i % 3 == 0 else float(i) for i in range(1, 99)][-20:]  # 99 and 100 not yet read
+    assert series.values.tolist() == expected and series.steps.tolist() == list(range(78, 98))
+    assert series.total == 98 and len(series) == 20
+    steps, values = series.since(95)
+    assert steps.tolist() == [95, 96, 97] and values.tolist() == expected[-3:]
+    # An array read earlier is a snapshot: later check points neither change nor free it.
+    assert early is not None and early.tolist() == [i + 0.5 if i % 3 == 0 else float(i) for i in range(1, 15)]
+    with pytest.raises(ValueError, match="read-only"):
+        series.values[0] = 0.0
+    guard.close()
