@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,6 +184,10 @@ class GradNormMonitor(Hook):
         # and its place in the order of all optimizers' rows (per-slot sums add in that order).
         self.add_state("row_offsets", [])
         self.add_state("row_seq", [])
+        # Whether this interval's device states hold anything, and whether rows carry flags or found_inf.
+        self.add_state("folded", False)
+        self.add_state("flagged", False)
+        self.add_state("scaled", False)
         self._views: list[list[_RowViews]] = []
         self._views_of: Tensor | None = None
         self._default_row: Tensor | None = None
@@ -329,12 +335,14 @@ class GradNormMonitor(Hook):
 
         row.total.copy_(total)
         if total.dtype != torch.float32:
+            self.flagged = True
             # The float32 copy of the total could round across a limit: keep the flags computed exactly.
             row.finite.copy_(norms.finite)
             if self.min_norm is not None:
                 row.floor.copy_(total < self.min_norm)
         found = getattr(ctx.optimizer, "found_inf", None)
         if isinstance(found, Tensor):
+            self.scaled = True
             row.skip.copy_(found.detach().reshape(-1)[:1])
         if layout.late_pos is None:
             row.per.index_copy_(0, layout.index, per)
@@ -355,6 +363,7 @@ class GradNormMonitor(Hook):
         present: Tensor | None = None,
     ) -> None:
         """Add per-tensor norms into the per-slot device states (what the host does with a row's columns)."""
+        self.folded = True
         bad_param = is_nonfinite(per)
         if skipped is not None:
             bad_param = bad_param & ~skipped
@@ -400,7 +409,7 @@ class GradNormMonitor(Hook):
         v = check.values
         rows = np.asarray(v["rows"], dtype=np.float32)
         n_opt = rows.shape[0]
-        counters, slots = self._reduce(v, rows)
+        counters, slots, series = self._reduce(v, rows)
         loss_steps, loss_values, self.loss_seen = check.unread("loss", self.loss_seen)
         finite = np.isfinite(loss_values)
         losses = loss_values[finite]
@@ -408,13 +417,14 @@ class GradNormMonitor(Hook):
         if self.loss_start is None:
             first = (self.loss_baseline + losses.tolist())[: self.min_history]
             if len(first) >= self.min_history:
-                self.loss_start = float(np.median(first))
+                self.loss_start = _median(first)
         for i in range(n_opt):
             steps = self.ring_pos[i]
             if steps == 0:
                 continue
-            norms, paired = self._in_order(i, rows[i], loss_at)
-            layers = self._layer_data(slots, i) if self.per_layer else None
+            norms, paired = self._in_order(i, *series[i], loss_at)
+            # Built only for an event that carries it: a dict per parameter costs more than the rules.
+            layers = functools.cache(functools.partial(self._layer_data, slots, i)) if self.per_layer else None
             self._check_nonfinite(i, slots, counters[i], steps)
             self._check_vanishing(i, counters[i], norms, layers)
             self._check_exploding(i, norms, paired, losses, steps, layers)
@@ -425,6 +435,7 @@ class GradNormMonitor(Hook):
         self.sampled_steps = [[] for _ in range(n_opt)]
         self.row_offsets = [[] for _ in range(n_opt)]
         self.row_seq = [[] for _ in range(n_opt)]
+        self.folded = self.flagged = self.scaled = False
         self.interval_start = check.step
 
     def _kept(self, i: int, ring: int) -> list[int]:
@@ -432,98 +443,127 @@ class GradNormMonitor(Hook):
         n = self.ring_pos[i]
         return [p % ring for p in range(max(0, n - ring), n)]
 
-    def _reduce(self, v: dict[str, Any], rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The interval's counters per optimizer and per-slot numbers: the device-folded part plus the rows.
+    def _reduce(
+        self, v: dict[str, Any], rows: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
+        """Reduce the interval's rows (plus what the device folded) to what the rules read.
 
-        float32 arithmetic in step order, as the device would have done it step by step, so the numbers
-        are the same whether a row was folded on the device or reduced here.
+        Returns the counters per optimizer, the per-slot numbers, and per optimizer its rows' global
+        norms and whether each counts (finite, not skipped by a GradScaler), oldest first. Sums are
+        float32 in step order, as the device would have added them step by step, so the numbers are
+        the same whether a row was folded on the device or reduced here.
         """
         n_opt, ring, width = rows.shape
         n = width - len(_EXTRA)
         f32 = np.float32
-        counters = np.asarray(v["counters"], dtype=np.float32).reshape(n_opt, len(_COUNTERS)).copy()
-        slots = {"param_nonfinite": np.asarray(v["param_nonfinite"], dtype=np.float32)}
-        slots["param_first_nonfinite"] = np.asarray(v["param_first_nonfinite"], dtype=np.float32)
-        if self.per_layer:
-            for name in ("layer_sum", "layer_max", "layer_count"):
-                slots[name] = np.asarray(v[name], dtype=np.float32)
-        picked = [(i, k) for i in range(n_opt) for k in self._kept(i, ring)]
-        if not picked:
-            return counters, slots
-        seq = [s for i in range(n_opt) for s in _last(self.row_seq[i], len(self._kept(i, ring)))]
-        offsets = [o for i in range(n_opt) for o in _last(self.row_offsets[i], len(self._kept(i, ring)))]
-        order = np.argsort(np.asarray(seq), kind="stable")
-        opt = np.asarray([i for i, _ in picked])[order]
-        table = rows[tuple(np.asarray(picked).T)][order]
-        offset = np.asarray(offsets, dtype=np.float32)[order]
+        folded = self.folded
+        if folded:
+            counters = np.asarray(v["counters"], dtype=np.float32).reshape(n_opt, len(_COUNTERS)).copy()
+        else:
+            counters = np.zeros((n_opt, len(_COUNTERS)), dtype=np.float32)
+        kept = [self._kept(i, ring) for i in range(n_opt)]
+        if n_opt == 1:
+            table, opt = rows[0, kept[0]], None
+            offset = np.asarray(_last(self.row_offsets[0], len(kept[0])), dtype=np.float32)
+        else:
+            # Rows of all optimizers in the order they were written: per-slot sums add in that order.
+            seq = [q for i in range(n_opt) for q in _last(self.row_seq[i], len(kept[i]))]
+            order = np.argsort(np.asarray(seq, dtype=np.int64), kind="stable")
+            table = np.concatenate([rows[i, kept[i]] for i in range(n_opt)])[order]
+            opt = np.asarray([i for i in range(n_opt) for _ in kept[i]], dtype=np.int64)[order]
+            offsets = [o for i in range(n_opt) for o in _last(self.row_offsets[i], len(kept[i]))]
+            offset = np.asarray(offsets, dtype=np.float32)[order]
         per, total = table[:, :n], table[:, n]
-        skipped = table[:, n + 1] > 0
-        finite = np.where(np.isnan(table[:, n + 2]), np.isfinite(total), table[:, n + 2] > 0)
-        valid, bad = finite & ~skipped, ~finite & ~skipped
+        finite = np.isfinite(total)
+        if self.flagged:  # a total that is not float32 brought its own flags
+            flag = table[:, n + 2]
+            finite = np.where(np.isnan(flag), finite, flag > 0)
+        if self.scaled:
+            skipped = table[:, n + 1] > 0
+            valid, bad = finite & ~skipped, ~finite & ~skipped
+        else:
+            skipped, valid, bad = None, finite, ~finite
         present = per != f32(_ABSENT)
-        with np.errstate(invalid="ignore"):
-            bad_param = present & ~np.isfinite(per) & ~skipped[:, None]
-        slots["param_nonfinite"] = slots["param_nonfinite"] + bad_param.sum(0, dtype=np.float32)
-        when = np.where(bad_param, offset[:, None], f32(math.inf)).min(0)
-        slots["param_first_nonfinite"] = np.minimum(slots["param_first_nonfinite"], when)
+        everywhere = bool(valid.all())  # the usual interval: every row counts
+        slots: dict[str, Any] = {}
+        # A parameter's norm is non-finite only on a step whose total is.
+        if folded or (not everywhere and bad.any()):
+            bad_param = present & ~np.isfinite(per)
+            if skipped is not None:
+                bad_param &= ~skipped[:, None]
+            counts = bad_param.sum(0, dtype=np.float32)
+            when = np.where(bad_param, offset[:, None], f32(math.inf)).min(0, initial=f32(math.inf))
+            if folded:
+                counts += np.asarray(v["param_nonfinite"], dtype=np.float32)
+                when = np.minimum(when, np.asarray(v["param_first_nonfinite"], dtype=np.float32))
+            slots["param_nonfinite"], slots["param_first_nonfinite"] = counts, when
         if self.per_layer:
-            use = valid[:, None] & present
-            kept = np.where(use, per, f32(0.0))
-            # add.accumulate is sequential: the same float32 sums as one add per step.
-            slots["layer_sum"] = np.add.accumulate(np.vstack([slots["layer_sum"], kept]), axis=0, dtype=np.float32)[-1]
-            slots["layer_max"] = np.maximum(slots["layer_max"], kept.max(0))
-            slots["layer_count"] = slots["layer_count"] + use.sum(0, dtype=np.float32)
+            if everywhere:
+                use, kept_norms = present, np.maximum(per, f32(0.0))  # absent (-1) adds 0
+            else:
+                use = present & valid[:, None]
+                kept_norms = np.where(use, per, f32(0.0))
+            slots["layer_max"] = kept_norms.max(0, initial=f32(0.0))
+            slots["layer_count"] = use.sum(0)
+            if folded:
+                kept_norms = np.concatenate([np.asarray(v["layer_sum"], dtype=np.float32)[None], kept_norms])
+            # add.accumulate is sequential: the same float32 sums as one add per step (0 + x is x).
+            sums = np.add.accumulate(kept_norms, axis=0)
+            slots["layer_sum"] = sums[-1] if len(sums) else np.zeros(n, dtype=np.float32)
+            if folded:
+                slots["layer_max"] = np.maximum(slots["layer_max"], np.asarray(v["layer_max"], dtype=np.float32))
+                slots["layer_count"] = slots["layer_count"] + np.asarray(v["layer_count"], dtype=np.float32)
+        series: list[tuple[np.ndarray, np.ndarray]] = []
         for i in range(n_opt):
-            mine = opt == i
-            if not mine.any():
-                continue
+            mine = slice(None) if opt is None else opt == i
+            series.append((total[mine], valid[mine]))
             c = counters[i]
-            c[_NONFINITE] += bad[mine].sum()
+            if not everywhere:
+                c[_NONFINITE] += np.count_nonzero(bad[mine])
             first_name, last_name = self._kernels[i] if i < len(self._kernels) else (None, None)
             if first_name is not None and last_name is not None:
-                first = per[mine, self._slots.of(first_name)]
-                last = per[mine, self._slots.of(last_name)]
-                kernel = valid[mine] & (first != f32(_ABSENT)) & (last != f32(_ABSENT))
-                with np.errstate(invalid="ignore"):
-                    small = (first < f32(self.vanishing_ratio) * last) & (first < f32(self.vanishing_norm))
-                c[_KERNEL] += kernel.sum()
-                c[_VANISH] += (kernel & small).sum()
-                c[_FIRST] = np.add.accumulate(np.append(c[_FIRST], np.where(kernel, first, f32(0.0))))[-1]
-                c[_LAST] = np.add.accumulate(np.append(c[_LAST], np.where(kernel, last, f32(0.0))))[-1]
+                kf, kl = self._slots.of(first_name), self._slots.of(last_name)
+                first, last = per[mine, kf], per[mine, kl]
+                kernel = present[mine, kf] & present[mine, kl]
+                if not everywhere:
+                    kernel &= valid[mine]
+                small = (first < f32(self.vanishing_ratio) * last) & (first < f32(self.vanishing_norm))
+                c[_KERNEL] += np.count_nonzero(kernel)
+                c[_VANISH] += np.count_nonzero(kernel & small)
+                if not kernel.all():
+                    first, last = np.where(kernel, first, f32(0.0)), np.where(kernel, last, f32(0.0))
+                if len(first):
+                    # Sequential float32 sums from the folded part (0 unless rows were folded).
+                    c[_FIRST] = np.add.accumulate(np.concatenate([c[_FIRST : _FIRST + 1], first]))[-1]
+                    c[_LAST] = np.add.accumulate(np.concatenate([c[_LAST : _LAST + 1], last]))[-1]
             if self.min_norm is not None:
-                flag = table[mine, n + 3]
-                with np.errstate(invalid="ignore"):
-                    below = np.where(np.isnan(flag), total[mine] < f32(self.min_norm), flag > 0)
-                c[_FLOOR] += (valid[mine] & below).sum()
-        return counters, slots
+                below = total[mine] < f32(self.min_norm)
+                if self.flagged:
+                    floor = table[mine, n + 3]
+                    below = np.where(np.isnan(floor), below, floor > 0)
+                c[_FLOOR] += np.count_nonzero(valid[mine] & below)
+        return counters, slots, series
 
-    def _in_order(self, i: int, rows: np.ndarray, loss_at: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    def _in_order(
+        self, i: int, total: np.ndarray, valid: np.ndarray, loss_at: dict[int, float]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The interval's finite norms of optimizer ``i`` oldest first, and the loss observed before each."""
-        n, width = rows.shape[0], rows.shape[1]
-        slots = self._kept(i, n)
-        steps = self.sampled_steps[i][-len(slots) :] if i < len(self.sampled_steps) else []
-        steps = [None] * (len(slots) - len(steps)) + list(steps)
-        table = rows[slots]
-        col = width - len(_EXTRA)
-        total, skip, flag = table[:, col], table[:, col + 1], table[:, col + 2]
-        valid = np.where(np.isnan(flag), np.isfinite(total), flag > 0) & ~(skip > 0)
-        norms = total[valid].astype(np.float64)
+        steps = _last(self.sampled_steps[i], len(total)) if i < len(self.sampled_steps) else []
+        steps = [None] * (len(total) - len(steps)) + list(steps)
         paired = np.array([loss_at.get(s, math.nan) if s is not None else math.nan for s in steps], dtype=np.float64)
         # A valid step whose float32 total overflowed counts in the counters but has no norm to compare.
-        keep = np.isfinite(norms)
-        return norms[keep], paired[valid][keep]
+        keep = valid & np.isfinite(total)
+        return total[keep].astype(np.float64), paired[keep]
 
     def _layer_data(self, slots: dict[str, np.ndarray], i: int) -> dict[str, dict[str, float]]:
         """Mean and max norm per parameter of optimizer ``i`` over the interval."""
         count = slots["layer_count"].astype(np.float64)
-        mean = slots["layer_sum"].astype(np.float64) / np.maximum(count, 1)
-        top = slots["layer_max"].astype(np.float64)
+        mean = (slots["layer_sum"].astype(np.float64) / np.maximum(count, 1)).tolist()
+        top = slots["layer_max"].astype(np.float64).tolist()
         names = self._slots.labels
         owners = [*self._slot_owners, {i}]
         return {
-            names[j]: {"mean": float(mean[j]), "max": float(top[j])}
-            for j in np.flatnonzero(count > 0).tolist()
-            if i in owners[j]
+            names[j]: {"mean": mean[j], "max": top[j]} for j in np.flatnonzero(count > 0).tolist() if i in owners[j]
         }
 
     def _check_nonfinite(self, i: int, slots: dict[str, np.ndarray], counters: np.ndarray, steps: int) -> None:
@@ -531,8 +571,8 @@ class GradNormMonitor(Hook):
         if n <= 0:
             return
         self.total_nonfinite[i] += n
-        counts = slots["param_nonfinite"].astype(np.float64)
-        first = slots["param_first_nonfinite"].astype(np.float64)
+        counts = slots["param_nonfinite"].astype(np.float64).tolist()
+        first = slots["param_first_nonfinite"].astype(np.float64).tolist()
         names = self._slots.labels
         owners = [*self._slot_owners, {i}]
         mine = [j for j in range(len(names)) if counts[j] > 0 and i in owners[j]]
@@ -555,7 +595,9 @@ class GradNormMonitor(Hook):
             counts={names[j]: int(counts[j]) for j in mine[: 2 * _MAX_NAMED]},
         )
 
-    def _check_vanishing(self, i: int, counters: np.ndarray, norms: np.ndarray, layers: dict[str, Any] | None) -> None:
+    def _check_vanishing(
+        self, i: int, counters: np.ndarray, norms: np.ndarray, layers: Callable[[], dict[str, Any]] | None
+    ) -> None:
         rules: list[str] = []
         data: dict[str, Any] = {"optimizer": i}
         kernel_steps = float(counters[_KERNEL])
@@ -589,7 +631,7 @@ class GradNormMonitor(Hook):
         data.update(rules=rules, steps=len(norms), persistence=self.persistence)
         data.update(_global_stats(norms))
         if layers is not None:
-            data["layers"] = layers
+            data["layers"] = layers()
         if "ratio" in rules:
             message = (
                 f"vanishing gradients: the first layer's gradient norm ({data['first_kernel']}, "
@@ -611,17 +653,17 @@ class GradNormMonitor(Hook):
         paired: np.ndarray,
         losses: np.ndarray,
         steps: int,
-        layers: dict[str, Any] | None,
+        layers: Callable[[], dict[str, Any]] | None,
     ) -> None:
         rules: list[str] = []
         data: dict[str, Any] = {"optimizer": i, "steps": steps}
         if not len(norms):
             return
         data.update(_global_stats(norms))
-        median = float(np.median(norms))
+        median = data["norm_median"]
         confidence = 0.0
         baseline = self.baseline[i]
-        base = float(np.median(baseline)) if len(baseline) >= min(_MIN_SAMPLES, self.min_history) else math.nan
+        base = _median(baseline) if len(baseline) >= min(_MIN_SAMPLES, self.min_history) else math.nan
         if not math.isnan(base):
             growth = median / base if base > 0 else math.inf
             data.update(baseline_median=base, baseline_steps=len(baseline), growth=growth)
@@ -649,7 +691,7 @@ class GradNormMonitor(Hook):
             return
         data["rules"] = rules
         if layers is not None:
-            data["layers"] = layers
+            data["layers"] = layers()
         if "growth" in rules:
             message = (
                 f"exploding gradients: median gradient norm {median:.3g} is {data['growth']:.3g}x "
@@ -699,8 +741,8 @@ class GradNormMonitor(Hook):
         start = self.loss_start
         if start is None or len(history) < self.min_history or not len(losses):
             return 0.0
-        ref = float(np.median(history))
-        loss_median = float(np.median(losses))
+        ref = _median(history)
+        loss_median = _median(losses)
         loss_growth = loss_median / ref if ref > 0 else math.inf
         data.update(
             loss_median=loss_median,
@@ -729,8 +771,8 @@ class GradNormMonitor(Hook):
         calm = pool_norms[pool_loss <= ref]  # NaN (no loss seen) is neither
         if not len(on_spike) or len(calm) < _MIN_SAMPLES:
             return confidence
-        calm_median = float(np.median(calm))
-        spike_median = float(np.median(on_spike))
+        calm_median = _median(calm)
+        spike_median = _median(on_spike)
         ratio = spike_median / calm_median if calm_median > 0 else math.inf
         data.update(
             spike_threshold=threshold,
@@ -767,11 +809,24 @@ def _last(values: list[Any], n: int) -> list[Any]:
     return values[len(values) - n :] if n > 0 else []
 
 
+def _median(values: list[float] | np.ndarray) -> float:
+    """``np.median`` of finite values, bit for bit, by sorting host floats (np.median costs ~15 us a call)."""
+    if isinstance(values, np.ndarray) and values.dtype != np.float64:
+        return float(np.median(values))  # its mean of the middle two is in that dtype
+    half = len(values) // 2
+    if len(values) <= 32:
+        ordered = sorted(values.tolist() if isinstance(values, np.ndarray) else values)
+        return float(ordered[half]) if len(values) % 2 else (ordered[half - 1] + ordered[half]) / 2
+    # np.median's own partition and mean of the middle two, without its wrapper's overhead.
+    part = np.partition(np.asarray(values, dtype=np.float64), [half - 1, half])
+    return float(part[half]) if len(values) % 2 else float((part[half - 1] + part[half]) / 2)
+
+
 def _global_stats(norms: np.ndarray) -> dict[str, Any]:
     if not len(norms):
         return {"norm_mean": None, "norm_median": None, "norm_max": None}
     return {
         "norm_mean": float(norms.mean()),
-        "norm_median": float(np.median(norms)),
+        "norm_median": _median(norms),
         "norm_max": float(norms.max()),
     }
