@@ -66,8 +66,9 @@ class GradNormMonitor(Hook):
     """Watch global and per-layer gradient norms for vanishing, exploding and non-finite gradients.
 
     Every optimizer step it reads the step's shared gradient norms (``ctx.grad_norms``, one foreach
-    pass for all hooks; the global norm equals ``torch.nn.utils.get_total_norm``) and updates a few
-    device counters; nothing is read to the host until a check point. Steps that a GradScaler skips
+    pass for all hooks; the global norm equals ``torch.nn.utils.get_total_norm``) and copies them
+    into one row of a per-interval device buffer; nothing is read to the host until a check point,
+    where the host reduces the rows. Steps that a GradScaler skips
     are never counted: without a fused optimizer they never reach the step hooks, and with one the
     scaler's ``found_inf`` marks them.
 
