@@ -217,7 +217,8 @@ class KeepRing(sg.GradNormMonitor):
         self.read: list[float] = []
 
     def on_check(self, check: sg.CheckContext) -> None:
-        self.read += [float(v) for v in check.values["recent"][0][: self.ring_pos[0]]]
+        # One row per sampled step; the global norm is the first column after the per-parameter ones.
+        self.read += [float(v) for v in check.values["rows"][0][: self.ring_pos[0], -4]]
         super().on_check(check)
 
 

@@ -118,8 +118,12 @@ class UpdateRatio(Hook):
         self.add_state("layers", [])
         self.add_state("last_median", None)
         self._column: dict[str, int] = {}
-        self._select: dict[tuple[int, tuple[str, ...]], tuple[Tensor, Tensor] | None] = {}
+        self._select: dict[tuple[int, tuple[str, ...]], tuple[Tensor, Tensor, bool] | None] = {}
         self._slot = -1
+        # The sampled row is still to be written (or cleared) by the clock optimizer's update.
+        self._pending = False
+        self._rows: list[Tensor] = []
+        self._rows_of: Tensor | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def is_due(self, step: int) -> bool:
@@ -143,40 +147,50 @@ class UpdateRatio(Hook):
         ctx.request_update()
         ctx.grad_norms()  # shared with the gradient monitors; read before the step changes anything
         if ctx.is_clock:
+            if self._pending:
+                self._row(self._slot).fill_(math.nan)  # the last sample's update never came
             self._slot = self.samples % self.window
             self.samples += 1
             self.slot_steps[self._slot] = ctx.step
             self.sample_lrs = [*self.sample_lrs[-(self.window - 1) :], _max_lr(ctx.optimizer)][-self.window :]
-            self.ratios[self._slot].fill_(math.nan)
+            # The row is cleared with the update's write, and only where that write leaves columns out.
+            self._pending = True
 
     def on_after_step(self, ctx: StepContext) -> None:
         if self._slot < 0:
             return
+        row = self._row(self._slot)
         update = ctx.update_norms()
-        if update is None:
+        select = None if update is None else self._selection(ctx.optimizer_index, update.names, update.delta.device)
+        if self._pending and ctx.is_clock:
+            self._pending = False
+            if select is None or not select[2]:
+                row.fill_(math.nan)
+        if update is None or select is None:
             return
-        select = self._selection(ctx.optimizer_index, update.names, update.delta.device)
-        if select is None:
-            return
-        rows, cols = select
-        delta = update.delta.index_select(0, rows)
-        weight = update.weight.index_select(0, rows)
-        ratio = delta / weight
-        # Zero weights give no ratio, nor do non-finite updates or weights: a NaN says where the arithmetic
-        # broke (the nonfinite check's business), not how large the steps were.
-        ratio = torch.where((weight == 0) | ~torch.isfinite(ratio), math.nan, ratio)
+        rows, cols, _ = select
+        weight = update.weight
         grads = ctx.grad_norms()
         if grads is not None and grads.names == update.names:
             # A weight whose gradient is exactly zero (dead units, a cut graph) says nothing about the
-            # learning rate: no learning rate moves it.
-            ratio = torch.where(grads.per_tensor.index_select(0, rows) == 0, math.nan, ratio)
-        self.ratios[self._slot].index_copy_(0, cols, ratio.to(self.ratios.device, self.ratios.dtype, non_blocking=True))
+            # learning rate: no learning rate moves it. Dividing by a zero weight leaves it no ratio.
+            weight = weight * (grads.per_tensor != 0)
+        ratio = update.delta / weight
+        # Zero weights give no ratio, nor do non-finite updates or weights: a NaN says where the arithmetic
+        # broke (the nonfinite check's business), not how large the steps were. x * 0 + x is x when x is
+        # finite and NaN otherwise (x / 0 is inf or NaN): two ops where isfinite and where take six.
+        ratio = ratio.mul(0).add_(ratio).index_select(0, rows)
+        row.index_copy_(0, cols, ratio.to(row.device, row.dtype, non_blocking=True))
 
     def on_check(self, check: CheckContext) -> None:
         filled = min(self.samples, self.window)
         if filled == 0 or "ratios" not in check.values:
             return
-        table = np.asarray(check.values["ratios"], dtype=np.float64).reshape(self.window, -1)[:filled]
+        table = np.asarray(check.values["ratios"], dtype=np.float64).reshape(self.window, -1)
+        if self._pending:
+            table = table.copy()
+            table[self._slot] = math.nan  # sampled, but its update never came
+        table = table[:filled]
         steps_of = np.asarray(self.slot_steps[:filled])
         late = steps_of > self.warmup
         status, rows, median = "ok", late, math.nan
@@ -266,17 +280,29 @@ class UpdateRatio(Hook):
         lrs = [lr for lr in self.sample_lrs if lr is not None]
         return len(lrs) >= 2 and lrs[-1] > _LR_RISE * lrs[0]
 
-    def _selection(self, optimizer_index: int, names: list[str], device: torch.device) -> tuple[Tensor, Tensor] | None:
+    def _row(self, slot: int) -> Tensor:
+        # Views made once: indexing the buffer on every sampled step would be an op each time.
+        if self._rows_of is not self.ratios:
+            self._rows = list(self.ratios.unbind(0))
+            self._rows_of = self.ratios
+        return self._rows[slot]
+
+    def _selection(
+        self, optimizer_index: int, names: list[str], device: torch.device
+    ) -> tuple[Tensor, Tensor, bool] | None:
+        """Entries of ``names`` that are watched, their columns, and whether they fill every column."""
         key = (optimizer_index, tuple(names))
         if key not in self._select:
             rows = [i for i, n in enumerate(names) if n in self._column]
             if not rows:
                 self._select[key] = None
             else:
+                cols = [self._column[names[i]] for i in rows]
                 # Built once per optimizer and parameter list: a host-to-device copy each.
                 self._select[key] = (
                     torch.tensor(rows, device=device),
-                    torch.tensor([self._column[names[i]] for i in rows], device=self.ratios.device),
+                    torch.tensor(cols, device=self.ratios.device),
+                    len(set(cols)) == len(self.layers),
                 )
         return self._select[key]
 
