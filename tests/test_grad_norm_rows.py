@@ -90,6 +90,30 @@ def test_an_optimizer_stepping_more_than_check_every_times_is_counted_on_every_s
     assert vanishing.data["steps"] == sum(math.isfinite(t) for t in recent)
 
 
+def test_the_floor_fraction_counts_every_step_of_an_optimizer_that_steps_more_than_check_every() -> None:
+    # The critic steps 12 times in an interval of 4 generator steps, every time under min_norm: the
+    # fraction is 1 (it was 12 / 4, which no event can carry as a confidence).
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
+    critic = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    g_opt = torch.optim.SGD(gen.parameters(), lr=0.01)
+    c_opt = torch.optim.SGD(critic.parameters(), lr=0.01)
+    monitor = sg.GradNormMonitor(every=1, min_norm=1e9)
+    model = nn.ModuleDict({"gen": gen, "critic": critic})
+    guard = sg.Guard(model, [g_opt, c_opt], hooks=[monitor], sinks=[], check_every=4, strict=True)
+    for _ in range(4):
+        for _ in range(3):
+            c_opt.zero_grad()
+            critic(gen(torch.randn(16, 4)).detach()).pow(2).mean().backward()
+            c_opt.step()
+        g_opt.zero_grad()
+        critic(gen(torch.randn(16, 4))).mean().backward()
+        g_opt.step()
+    guard.close()
+    (vanishing,) = [e for e in guard.events if e.kind == "vanishing_gradients" and e.data["optimizer"] == 1]
+    assert vanishing.data["floor_steps_fraction"] == 1.0 and vanishing.confidence is not None
+
+
 def test_parameters_added_after_attach_share_one_slot_and_are_all_counted() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))

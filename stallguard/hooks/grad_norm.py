@@ -427,7 +427,7 @@ class GradNormMonitor(Hook):
             # Built only for an event that carries it: a dict per parameter costs more than the rules.
             layers = functools.cache(functools.partial(self._layer_data, slots, i)) if self.per_layer else None
             self._check_nonfinite(i, slots, counters[i], steps)
-            self._check_vanishing(i, counters[i], norms, layers)
+            self._check_vanishing(i, counters[i], norms, steps, layers)
             self._check_exploding(i, norms, paired, losses, steps, layers)
             self.baseline[i] = (self.baseline[i] + norms.tolist())[-self.window :]
             self.baseline_loss[i] = (self.baseline_loss[i] + paired.tolist())[-self.window :]
@@ -597,7 +597,12 @@ class GradNormMonitor(Hook):
         )
 
     def _check_vanishing(
-        self, i: int, counters: np.ndarray, norms: np.ndarray, layers: Callable[[], dict[str, Any]] | None
+        self,
+        i: int,
+        counters: np.ndarray,
+        norms: np.ndarray,
+        steps: int,
+        layers: Callable[[], dict[str, Any]] | None,
     ) -> None:
         rules: list[str] = []
         data: dict[str, Any] = {"optimizer": i}
@@ -622,7 +627,9 @@ class GradNormMonitor(Hook):
                 rules.append("ratio")
                 fraction = ratio_fraction
         if self.min_norm is not None and len(norms):
-            floor_fraction = float(counters[_FLOOR]) / len(norms)
+            # Over every finite step of the interval: an optimizer that stepped more than check_every
+            # times has more of them than the norms kept.
+            floor_fraction = float(counters[_FLOOR]) / max(len(norms), steps - float(counters[_NONFINITE]))
             data.update(min_norm=self.min_norm, floor_steps_fraction=floor_fraction)
             if floor_fraction >= self.persistence:
                 rules.append("floor")
