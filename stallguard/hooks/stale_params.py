@@ -18,6 +18,7 @@ __all__ = ["StaleParams"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _MAX_NAMED = 20  # names listed in an event
+_COUNTS = ("sampled", "moved", "graded")  # the rows of the ``counts`` state
 
 
 def _short(names: list[str]) -> str:
@@ -100,6 +101,8 @@ class StaleParams(Hook):
         self._module_of: dict[str, nn.Module] = {}
         self._calls: dict[int, int] = {}
         self._forward_handles: list[Any] = []
+        self._groups: dict[int, tuple[list[Tensor], tuple[int, ...], list[list[str]]]] = {}
+        self._rows_cache: _Rows | None = None
 
     # ----------------------------------------------------------------- attach: host checks, once
     def on_attach(self, guard: Any) -> None:
@@ -117,9 +120,9 @@ class StaleParams(Hook):
             self._params = {n: p for n, p in named if p.requires_grad}
         self._slots = Slots(names_in_order)
         n_slots = len(self._slots)
-        self.add_state("sampled", torch.zeros(n_slots), reduce="max", reset=True)
-        self.add_state("moved", torch.zeros(n_slots), reduce="max", reset=True)
-        self.add_state("graded", torch.zeros(n_slots), reduce="max", reset=True)
+        # Per slot, over the interval's sampled steps: how many (row 0), how many moved the weight (row 1),
+        # how many had a non-zero gradient (row 2). One state, so that a step adds to it with one op.
+        self.add_state("counts", torch.zeros(len(_COUNTS), n_slots), reduce="max", reset=True)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             super().load_state_dict(state)
@@ -217,14 +220,24 @@ class StaleParams(Hook):
         opt = ctx.optimizer
         if opt is None:
             return
-        ids = {id(p): n for n, p in zip(ctx.names, ctx.params)}
-        for group in opt.param_groups:
+        for group, names in zip(opt.param_groups, self._group_names(ctx, opt)):
             lr = group.get("lr")
-            zero = isinstance(lr, (int, float)) and lr == 0
-            for p in group["params"]:
-                n = ids.get(id(p))
-                if n is not None:
-                    self._lr_zero[n] = self._lr_zero.get(n, True) and zero
+            if isinstance(lr, (int, float)) and lr == 0:
+                for n in names:
+                    self._lr_zero.setdefault(n, True)  # stays False where an earlier sampled step had lr > 0
+            else:
+                self._lr_zero.update(dict.fromkeys(names, False))
+
+    def _group_names(self, ctx: StepContext, opt: torch.optim.Optimizer) -> list[list[str]]:
+        """The step's parameter names per param group, worked out once per parameter list."""
+        sizes = tuple(len(g["params"]) for g in opt.param_groups)
+        cached = self._groups.get(ctx.optimizer_index)
+        if cached is not None and cached[0] is ctx.params and cached[1] == sizes:
+            return cached[2]
+        ids = {id(p): n for n, p in zip(ctx.names, ctx.params)}
+        groups = [[ids[id(p)] for p in g["params"] if id(p) in ids] for g in opt.param_groups]
+        self._groups[ctx.optimizer_index] = (ctx.params, sizes, groups)
+        return groups
 
     def on_after_step(self, ctx: StepContext) -> None:
         # Only the steps where every per-step method ran (the update was requested before the step).
@@ -232,13 +245,25 @@ class StaleParams(Hook):
         if upd is None:
             return
         norms = ctx.grad_norms()
-        idx = self._slots.index(upd.names, upd.delta.device)
-        self.sampled.index_add_(0, idx, torch.ones_like(upd.delta))
-        self.moved.index_add_(0, idx, (upd.delta > 0).float())
+        # One (3, parameters) buffer whose first row stays at one; the comparisons write the other two in
+        # place, and one add counts all three: three ops for the step.
+        rows = self._rows(upd.names, upd.delta)
+        torch.gt(upd.delta, 0, out=rows.moved)
         if norms is not None and norms.names == upd.names:
-            self.graded.index_add_(0, idx, (norms.per_tensor > 0).float())
+            torch.gt(norms.per_tensor, 0, out=rows.graded)
         else:
-            self.graded.index_add_(0, idx, torch.ones_like(upd.delta))
+            rows.graded.fill_(1.0)
+        if rows.target is not None:
+            rows.target.add_(rows.buf)  # every slot in order: a plain add, several times cheaper than index_add_
+        else:
+            self.counts.index_add_(1, rows.idx, rows.buf)
+
+    def _rows(self, names: list[str], like: Tensor) -> _Rows:
+        key = (tuple(names), like.device)
+        rows = self._rows_cache
+        if rows is None or rows.key != key or rows.counts is not self.counts:
+            rows = self._rows_cache = _Rows(key, self.counts, self._slots, names, like.device)
+        return rows
 
     # ----------------------------------------------------------------- check point
     def on_check(self, check: CheckContext) -> None:
@@ -307,9 +332,7 @@ class StaleParams(Hook):
             )
 
     def _decide_frozen(self, v: dict[str, Any], converged: bool = False) -> None:
-        sampled = np.asarray(v["sampled"], dtype=np.float64).reshape(-1)
-        moved = np.asarray(v["moved"], dtype=np.float64).reshape(-1)
-        graded = np.asarray(v["graded"], dtype=np.float64).reshape(-1)
+        sampled, moved, graded = np.asarray(v["counts"], dtype=np.float64).reshape(len(_COUNTS), -1)
         by_reason: dict[str, list[str]] = {}
         for j, n in enumerate(self._slots.names):
             if sampled[j] < self.min_samples or moved[j] > 0 or n in self.reported_frozen:
@@ -360,3 +383,25 @@ class StaleParams(Hook):
         super().load_state_dict(state)
         if self.grads_decided:
             self._remove_forward_hooks()  # the warm-up is over in the restored run
+
+
+class _Rows:
+    """What :meth:`StaleParams.on_after_step` writes a step's counts with, made once per list of names.
+
+    ``buf`` is (3, parameters): row 0 stays at one (sampled), rows 1 and 2 (``moved``, ``graded``) are
+    written in place each step. ``target`` is the matching slice of the counts when the names are all
+    the slots in slot order (the usual case), else None and ``idx`` maps them to their slots.
+    """
+
+    __slots__ = ("buf", "counts", "graded", "idx", "key", "moved", "target")
+
+    def __init__(
+        self, key: tuple[Any, ...], counts: Tensor, slots: Slots, names: list[str], device: torch.device
+    ) -> None:
+        self.key = key
+        self.counts = counts
+        self.buf = torch.ones(len(_COUNTS), len(names), dtype=counts.dtype, device=device)
+        self.moved, self.graded = self.buf[1], self.buf[2]
+        self.idx = slots.index(names, device)
+        in_order = list(names) == slots.names and counts.device == device
+        self.target = counts[:, : len(names)] if in_order else None
