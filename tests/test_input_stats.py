@@ -136,8 +136,32 @@ def test_nan_after_the_warm_up_is_found_by_sampling() -> None:
 
 def test_token_ids_are_not_features() -> None:
     hook = sg.InputStats()
-    guard = train(TokenLSTM(), tokens(), hooks=[hook], steps=10)
+    seen = []
+    original = hook.on_observe
+    hook.on_observe = lambda obs: (seen.append(obs.step), original(obs))  # type: ignore[method-assign]
+    guard = train(TokenLSTM(), tokens(), hooks=[hook], steps=60)
     assert kinds(guard) == [] and hook.n_features is None and hook.ignored is not None
+    # No warm-up on inputs without features: after the first look, only the cadence's steps.
+    assert seen == [0, 50]
+
+
+def test_a_loop_that_passes_no_inputs_is_looked_at_on_the_cadence_only() -> None:
+    hook = sg.InputStats()
+    seen = []
+    original = hook.on_observe
+    hook.on_observe = lambda obs: (seen.append(obs.step), original(obs))  # type: ignore[method-assign]
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = sg.Guard(model, opt, hooks=[hook], sinks=[])
+    x, y = torch.randn(16, 16), torch.randint(0, 4, (16,))
+    for _ in range(60):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        guard.observe(loss)
+        opt.step()
+    guard.close()
+    assert seen == [0, 50] and hook.ignored == "no inputs passed to observe"
 
 
 # ----------------------------------------------------------------------------- layouts

@@ -63,7 +63,8 @@ class InputStats(Hook):
     samples and all positions), the only feature of a ``(N,)`` batch.
 
     It samples the first ``warmup`` observations, then the observations of every ``every``-th optimizer
-    step. A sampled batch costs about ten elementwise passes on the device (finite mask, masked sums,
+    step; after a call without float inputs (no ``inputs``, or token ids) the warm-up waits for that
+    cadence too, so that a run without features costs nothing per step. A sampled batch costs about ten elementwise passes on the device (finite mask, masked sums,
     minimum and maximum per feature) folded into float64 per-feature states; nothing is read to the
     host until a check point. Means and variances are combined from per-batch centred sums, so a
     feature with mean 1e4 and std 1 still gets its std right.
@@ -148,22 +149,28 @@ class InputStats(Hook):
 
     # ----------------------------------------------------------------- cadence
     def is_due(self, step: int) -> bool:
-        # The first `warmup` observations are always sampled, then one step in `every`.
-        return step >= self.start_step and (self.sampled < self.warmup or super().is_due(step))
+        # The first `warmup` observations are always sampled, then one step in `every`; inputs without
+        # features (token ids) are looked at again only on the cadence, not on every step of the warm-up.
+        return step >= self.start_step and (self._warming_up() or super().is_due(step))
 
     def next_due(self, step: int) -> int | None:
         first = max(step, self.start_step)
-        return first if self.sampled < self.warmup else self.next_on(first, self.every)
+        return first if self._warming_up() else self.next_on(first, self.every)
+
+    def _warming_up(self) -> bool:
+        return self.sampled < self.warmup and self.ignored is None
 
     # ----------------------------------------------------------------- lifecycle
     def on_observe(self, obs: Observation) -> None:
+        # Why the last look found nothing to measure; while set, the warm-up waits for the cadence.
         if obs.inputs is None:
+            self.ignored = "no inputs passed to observe"
             return
         x = first_float_tensor(obs.inputs)
         if x is None:
-            if self.ignored is None:
-                self.ignored = "no floating-point tensor in inputs (token ids and masks are not features)"
+            self.ignored = "no floating-point tensor in inputs (token ids and masks are not features)"
             return
+        self.ignored = None
         if x.dim() == 0 or x.numel() == 0:
             return
         if x.requires_grad:
