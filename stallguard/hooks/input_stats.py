@@ -64,10 +64,11 @@ class InputStats(Hook):
 
     It samples the first ``warmup`` observations, then the observations of every ``every``-th optimizer
     step; after a call without float inputs (no ``inputs``, or token ids) the warm-up waits for that
-    cadence too, so that a run without features costs nothing per step. A sampled batch costs about ten elementwise passes on the device (finite mask, masked sums,
-    minimum and maximum per feature) folded into float64 per-feature states; nothing is read to the
-    host until a check point. Means and variances are combined from per-batch centred sums, so a
-    feature with mean 1e4 and std 1 still gets its std right.
+    cadence too, so that a run without features costs nothing per step. A sampled batch costs about
+    ten elementwise passes on the device (finite mask, masked sums, minimum and maximum per feature)
+    folded into float64 per-feature states; nothing is read to the host until a check point. Means
+    and variances are combined from per-batch centred sums, so a feature with mean 1e4 and std 1
+    still gets its std right.
 
     At check points, once ``warmup`` observations were sampled (or at the final check):
 
