@@ -1091,7 +1091,8 @@ class Guard:
         stream = self._pending.get(key)
         if stream is None:
             device = first.device if isinstance(first, Tensor) else self.device
-            stream = self._pending[key] = _Pending(device, self.check_every)
+            # Sized for one interval, up to a bound (it doubles when an interval holds more).
+            stream = self._pending[key] = _Pending(device, min(self.check_every, 4096))
         return stream
 
     def _commit_series(self, name: str, steps: list[int], values: np.ndarray) -> None:

@@ -96,3 +96,15 @@ def test_the_series_keeps_the_last_history_values_across_many_check_points() -> 
     with pytest.raises(ValueError, match="read-only"):
         series.values[0] = 0.0
     guard.close()
+
+
+def test_a_huge_check_every_allocates_for_what_is_observed() -> None:
+    # The loss buffer starts small and doubles: check_every=10**9 must not reserve 8 GB up front.
+    guard = sg.Guard(None, None, hooks=[], sinks=[], check_every=10**9)
+    for i in range(5000):
+        guard.observe(torch.tensor(float(i)))
+        guard.after_step()
+    assert guard._pending["loss"].buf.numel() <= 8192
+    guard.check()
+    assert guard.series("loss").values.tolist() == [float(i) for i in range(5000)]
+    guard.close()
