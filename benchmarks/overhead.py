@@ -570,7 +570,14 @@ def markdown(result: dict[str, Any]) -> str:
                     if v == "plain":
                         continue
                     lines.append(f"| {mm} | {v} | {r['rss_delta_mib']:+.1f} MiB | {r['state_bytes'] / 1024:.1f} KiB |")
-            lines.append("")
+            lines += [
+                "",
+                "The hook state is proportional to the number of layers (parameter tensors) and activation "
+                "units, not to the number of parameters: per-tensor vectors, one row of one float per tensor "
+                "per sampled step of an interval, one bit per activation unit; no hook keeps a copy of a "
+                "gradient, a weight or an activation.",
+                "",
+            ]
     if result.get("scale"):
         for dev, per_n in result["scale"].items():
             lines += [
