@@ -44,6 +44,26 @@ def is_nonfinite(t: Tensor) -> Tensor:
     return t.mul(0).ne(0)
 
 
+def host_median(values: Sequence[float] | np.ndarray) -> float:
+    """``float(np.median(values))`` of finite host numbers, bit for bit, without numpy's per-call cost.
+
+    Check points take many medians of short lists, and ``np.median`` costs about 15 µs a call.
+
+    Example:
+        >>> host_median([3.0, 1.0, 2.0, 10.0])
+        2.5
+    """
+    if isinstance(values, np.ndarray) and values.dtype != np.float64:
+        return float(np.median(values))  # its mean of the middle two is in that dtype
+    half = len(values) // 2
+    if len(values) <= 32:
+        ordered = sorted(values.tolist() if isinstance(values, np.ndarray) else values)
+        return float(ordered[half]) if len(values) % 2 else (ordered[half - 1] + ordered[half]) / 2
+    # np.median's own partition and mean of the middle two, without its wrapper's overhead.
+    part = np.partition(np.asarray(values, dtype=np.float64), [half - 1, half])
+    return float(part[half]) if len(values) % 2 else float((part[half - 1] + part[half]) / 2)
+
+
 def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
     """Per-tensor norms (float32, in input order) and the total norm, in one foreach pass.
 

@@ -16,7 +16,7 @@ from .._modules import Slots
 from .._validate import check_float, check_int, check_norm_type, check_type
 from ..hook import Hook
 from ..registry import register
-from ..stats import CheckContext, StepContext, is_nonfinite
+from ..stats import CheckContext, StepContext, host_median, is_nonfinite
 
 __all__ = ["GradNormMonitor"]
 
@@ -418,7 +418,7 @@ class GradNormMonitor(Hook):
         if self.loss_start is None:
             first = (self.loss_baseline + losses.tolist())[: self.min_history]
             if len(first) >= self.min_history:
-                self.loss_start = _median(first)
+                self.loss_start = host_median(first)
         for i in range(n_opt):
             steps = self.ring_pos[i]
             if steps == 0:
@@ -671,7 +671,7 @@ class GradNormMonitor(Hook):
         median = data["norm_median"]
         confidence = 0.0
         baseline = self.baseline[i]
-        base = _median(baseline) if len(baseline) >= min(_MIN_SAMPLES, self.min_history) else math.nan
+        base = host_median(baseline) if len(baseline) >= min(_MIN_SAMPLES, self.min_history) else math.nan
         if not math.isnan(base):
             growth = median / base if base > 0 else math.inf
             data.update(baseline_median=base, baseline_steps=len(baseline), growth=growth)
@@ -749,8 +749,8 @@ class GradNormMonitor(Hook):
         start = self.loss_start
         if start is None or len(history) < self.min_history or not len(losses):
             return 0.0
-        ref = _median(history)
-        loss_median = _median(losses)
+        ref = host_median(history)
+        loss_median = host_median(losses)
         loss_growth = loss_median / ref if ref > 0 else math.inf
         data.update(
             loss_median=loss_median,
@@ -779,8 +779,8 @@ class GradNormMonitor(Hook):
         calm = pool_norms[pool_loss <= ref]  # NaN (no loss seen) is neither
         if not len(on_spike) or len(calm) < _MIN_SAMPLES:
             return confidence
-        calm_median = _median(calm)
-        spike_median = _median(on_spike)
+        calm_median = host_median(calm)
+        spike_median = host_median(on_spike)
         ratio = spike_median / calm_median if calm_median > 0 else math.inf
         data.update(
             spike_threshold=threshold,
@@ -817,24 +817,11 @@ def _last(values: list[Any], n: int) -> list[Any]:
     return values[len(values) - n :] if n > 0 else []
 
 
-def _median(values: list[float] | np.ndarray) -> float:
-    """``np.median`` of finite values, bit for bit, by sorting host floats (np.median costs ~15 us a call)."""
-    if isinstance(values, np.ndarray) and values.dtype != np.float64:
-        return float(np.median(values))  # its mean of the middle two is in that dtype
-    half = len(values) // 2
-    if len(values) <= 32:
-        ordered = sorted(values.tolist() if isinstance(values, np.ndarray) else values)
-        return float(ordered[half]) if len(values) % 2 else (ordered[half - 1] + ordered[half]) / 2
-    # np.median's own partition and mean of the middle two, without its wrapper's overhead.
-    part = np.partition(np.asarray(values, dtype=np.float64), [half - 1, half])
-    return float(part[half]) if len(values) % 2 else float((part[half - 1] + part[half]) / 2)
-
-
 def _global_stats(norms: np.ndarray) -> dict[str, Any]:
     if not len(norms):
         return {"norm_mean": None, "norm_median": None, "norm_max": None}
     return {
         "norm_mean": float(norms.mean()),
-        "norm_median": _median(norms),
+        "norm_median": host_median(norms),
         "norm_max": float(norms.max()),
     }

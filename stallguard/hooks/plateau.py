@@ -11,7 +11,7 @@ import numpy as np
 from .._validate import check_choice, check_float, check_int
 from ..hook import Hook
 from ..registry import register
-from ..stats import CheckContext
+from ..stats import CheckContext, host_median
 
 __all__ = ["Finding", "PlateauDetector"]
 
@@ -46,14 +46,6 @@ def _rank_z(current: Sequence[float] | np.ndarray, reference_sorted: np.ndarray)
     mean = n1 * n2 / 2.0
     sd = math.sqrt(n1 * n2 * (n1 + n2 + 1) / 12.0)
     return (lower - mean) / sd
-
-
-def _median(values: Sequence[float]) -> float:
-    """``float(np.median(values))`` for a short list of finite floats, without numpy's per-call cost."""
-    s = sorted(values)
-    n = len(s)
-    mid = n // 2
-    return float(s[mid]) if n % 2 else (s[mid - 1] + s[mid]) / 2.0
 
 
 def _max_rank_z(window: int) -> float:
@@ -590,7 +582,7 @@ class PlateauDetector(Hook):
     def _level_or_none(self) -> float | None:
         if len(self.recent) < self.window:
             return None
-        return _median(self.recent[-self.window :])
+        return host_median(self.recent[-self.window :])
 
     def _better(self, a: float, best: float) -> bool:
         # ReduceLROnPlateau's improvement test, term for term.
@@ -616,7 +608,7 @@ class PlateauDetector(Hook):
     def _observe_window(self, step: int) -> list[Finding]:
         out: list[Finding] = []
         win = self.recent[-self.window :]
-        level = _median(win)
+        level = host_median(win)
         if self.converged and not self._is_converged(level):
             self.converged = False  # back above the floor: a later flat stretch is a plateau again
         if self.best is None:
