@@ -668,9 +668,6 @@ class PlateauDetector(Hook):
         data = {"after": after, "level": level, "previous": previous, "since_step": since, "steps": step - since}
         return Finding("recovered", step, data)
 
-    def _sign(self) -> float:
-        return 1.0 if self.mode == "min" else -1.0
-
     def _sign_sorted(self) -> np.ndarray:
         # Cached until the best window changes: the rank test runs on most observations.
         cached = getattr(self, "_sorted_cache", None)
